@@ -1,0 +1,125 @@
+"""The LoRA math, in one place, with PEFT's names.
+
+PEFT stores per module ``lora_A`` (r, in) and ``lora_B`` (out, r); the update is
+ΔW = s · B @ A with s = alpha / r (rsLoRA: alpha / sqrt(r)), transposed for
+weights stored (in, out) (``fan_in_fan_out``, GPT-2's Conv1D) and for embeddings,
+whose factors are ``lora_embedding_A`` (r, num_embeddings) and
+``lora_embedding_B`` (dim, r). The seed text's W' = W + AB is the same update
+with the other orientation; everything here uses the PEFT names.
+
+All arithmetic is float32; callers cast once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """PEFT's suffix-regex match: the first key K with ``(.*\\.)?(K)$`` matching ``module``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    """(r, alpha) of one module, honouring ``rank_pattern`` / ``alpha_pattern``."""
+    r = config.get("r", 8)
+    alpha = config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    key = pattern_key(rank_pattern, module)
+    if key is not None:
+        r = rank_pattern[key]
+    key = pattern_key(alpha_pattern, module)
+    if key is not None:
+        alpha = alpha_pattern[key]
+    return int(r), float(alpha)
+
+
+def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: factors in PEFT layout plus how to turn them into ΔW."""
+
+    name: str  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    A: torch.Tensor  # (r, in); embedding: (r, num_embeddings)
+    B: torch.Tensor  # (out, r); embedding: (dim, r)
+    scale: float
+    kind: str = "linear"  # "linear" | "embedding"
+    fan_in_fan_out: bool = False
+    bias: torch.Tensor | None = None  # lora_B.bias, shape (out,)
+    r: int | None = None
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind == "embedding" or self.fan_in_fan_out
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_key(self) -> str:
+        return f"{self.name}.bias"
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        out, inn = int(self.B.shape[0]), int(self.A.shape[1])
+        return (inn, out) if self.transposed else (out, inn)
+
+    def delta(self, weight: float = 1.0) -> torch.Tensor:
+        """weight · s · B @ A in float32, in the base weight's orientation."""
+        a = self.A.to(torch.float32)
+        b = self.B.to(torch.float32) * (self.scale * weight)
+        d = b @ a
+        return d.T if self.transposed else d
+
+    def bias_delta(self, weight: float = 1.0) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias.to(torch.float32) * (self.scale * weight)
+
+    def delta_norm(self) -> float:
+        """‖s·B·A‖_F without forming ΔW: ‖BA‖² = tr((AAᵀ)(BᵀB)), r×r work."""
+        a = self.A.to(torch.float64)
+        b = self.B.to(torch.float64)
+        sq = torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0).item()
+        return abs(self.scale) * math.sqrt(sq)
+
+    def num_parameters(self) -> int:
+        n = self.A.numel() + self.B.numel()
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+
+def stacked_delta(modules: list[tuple[LoraModule, float]]) -> torch.Tensor:
+    """Σ wᵢ·sᵢ·BᵢAᵢ as ONE float32 product [w₁s₁B₁ … wₖsₖBₖ] @ [A₁; …; Aₖ].
+
+    One (out, Σr) @ (Σr, in) matmul beats k separate products and sums
+    in float32 before any cast. All modules must share orientation and shape.
+    """
+    if len(modules) == 1:
+        mod, w = modules[0]
+        return mod.delta(w)
+    first = modules[0][0]
+    shape = first.delta_shape
+    for mod, _ in modules:
+        if mod.delta_shape != shape or mod.transposed != first.transposed:
+            raise ValueError(f"{mod.name}: cannot stack deltas of different shapes")
+    a = torch.cat([m.A.to(torch.float32) for m, _ in modules], dim=0)
+    b = torch.cat([m.B.to(torch.float32) * (m.scale * w) for m, w in modules], dim=1)
+    d = b @ a
+    return d.T if first.transposed else d

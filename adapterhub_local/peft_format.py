@@ -1,0 +1,282 @@
+"""Read and write PEFT LoRA folders (adapter_config.json + adapter_model.safetensors).
+
+What PEFT writes we read; what we write PEFT loads. Pickled ``adapter_model.bin``
+is refused, never unpickled. Every problem is an ``InvalidAdapter`` naming the
+file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidAdapter, UnsupportedAdapter
+from .lora import LoraModule, module_rank_alpha, scaling
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# PEFT keys after the adapter name was stripped; an unstripped ".default" is tolerated.
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector)(?:\.[A-Za-z0-9_\-]+)??(?:\.(?P<leaf>weight|bias))?$"
+)
+
+PEFT_DEFAULTS: dict = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": None,
+    "revision": None,
+    "inference_mode": True,
+    "r": 8,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "target_modules": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "use_rslora": False,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_dora": False,
+    "lora_bias": False,
+}
+
+
+def lora_config(**fields) -> dict:
+    """A full PEFT LoraConfig dict: PEFT's defaults, overridden by ``fields``."""
+    unknown = set(fields) - set(PEFT_DEFAULTS) - {"megatron_config", "megatron_core"}
+    if unknown:
+        raise ValueError(f"unknown LoRA config field(s): {', '.join(sorted(unknown))}")
+    cfg = dict(PEFT_DEFAULTS)
+    cfg.update(fields)
+    if isinstance(cfg["target_modules"], (set, tuple)):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter in memory: its config, one LoraModule per adapted module,
+    and whole replacement tensors (``modules_to_save``) keyed by base weight name."""
+
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules.values()})
+
+    def num_parameters(self) -> int:
+        return sum(m.num_parameters() for m in self.modules.values()) + sum(
+            t.numel() for t in self.extra.values()
+        )
+
+    def targets(self) -> list[str]:
+        """Short target names (q_proj, v_proj, ...), sorted."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The PEFT state dict, keys as PEFT saves them."""
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.modules.items():
+            if m.kind == "embedding":
+                out[f"{PREFIX}{name}.lora_embedding_A"] = m.A
+                out[f"{PREFIX}{name}.lora_embedding_B"] = m.B
+            else:
+                out[f"{PREFIX}{name}.lora_A.weight"] = m.A
+                out[f"{PREFIX}{name}.lora_B.weight"] = m.B
+                if m.bias is not None:
+                    out[f"{PREFIX}{name}.lora_B.bias"] = m.bias
+        for key, t in self.extra.items():
+            out[f"{PREFIX}{key}"] = t
+        return out
+
+
+def _read_config(folder: Path) -> dict:
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise InvalidAdapter(folder, f"no {CONFIG_NAME}", "is this a PEFT LoRA adapter folder?")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidAdapter(cfg_path, f"not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InvalidAdapter(cfg_path, "expected a JSON object")
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidAdapter(
+            cfg_path, f"unknown peft_type {cfg.get('peft_type')!r}", "only LORA adapters are supported"
+        )
+    for key in ("r", "lora_alpha"):
+        if key in cfg and not isinstance(cfg[key], (int, float)):
+            raise InvalidAdapter(cfg_path, f"{key} must be a number, got {cfg[key]!r}")
+    if cfg.get("r", 8) <= 0:
+        raise InvalidAdapter(cfg_path, f"r must be positive, got {cfg.get('r')}")
+    return cfg
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises several types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InvalidAdapter(path, f"not a readable safetensors file, truncated or corrupt ({msg})") from None
+    return tensors, metadata
+
+
+def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
+    """Load and validate a PEFT LoRA folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InvalidAdapter(folder, "no such file or directory")
+    if not folder.is_dir():
+        raise InvalidAdapter(folder, "not a directory", "give the folder holding adapter_config.json")
+    cfg = _read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / PICKLE_NAME).is_file():
+            raise UnsupportedAdapter(
+                folder / PICKLE_NAME,
+                "pickled weights are not loaded (unpickling can run arbitrary code)",
+                "in a trusted environment run PeftModel.from_pretrained(...).save_pretrained(dir, "
+                "safe_serialization=True) to write adapter_model.safetensors",
+            )
+        raise InvalidAdapter(folder, f"no {WEIGHTS_NAME}")
+    if cfg.get("use_dora"):
+        if not allow_dora:
+            raise UnsupportedAdapter(
+                folder / CONFIG_NAME,
+                "DoRA adapter (use_dora=true): its update is not additive, so W + s·B·A would be wrong",
+                "merge it with PEFT's merge_and_unload() until DoRA is supported",
+            )
+    tensors, _ = _read_tensors(weights)
+    return parse_state_dict(tensors, cfg, folder, allow_dora=allow_dora, check_finite=check_finite)
+
+
+def parse_state_dict(tensors: dict[str, torch.Tensor], cfg: dict, where: Path | str = "<memory>",
+                     allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
+    where = Path(where)
+    wfile = where / WEIGHTS_NAME if where.is_dir() else where
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        # PEFT saves a targeted embedding's full matrix as "<module>.base_layer.weight"
+        short = short.replace(".base_layer.", ".")
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidAdapter(wfile, f"tensor {key} has non-finite values (NaN or inf)")
+        m = _KEY.match(short)
+        if not m:
+            extra[short] = t
+            continue
+        leaf = m.group("leaf")
+        part = m.group("part") + (".bias" if leaf == "bias" else "")
+        parts.setdefault(m.group("module"), {})[part] = t
+    if not parts and not extra:
+        raise InvalidAdapter(wfile, "contains no tensors")
+
+    use_rslora = bool(cfg.get("use_rslora", False))
+    fifo = bool(cfg.get("fan_in_fan_out", False))
+    modules: dict[str, LoraModule] = {}
+    for name, p in sorted(parts.items()):
+        if "lora_magnitude_vector" in p and not allow_dora:
+            raise UnsupportedAdapter(wfile, f"{name} has a DoRA magnitude vector; DoRA is not additive")
+        if "lora_embedding_A" in p or "lora_embedding_B" in p:
+            kind, ka, kb = "embedding", "lora_embedding_A", "lora_embedding_B"
+        else:
+            kind, ka, kb = "linear", "lora_A", "lora_B"
+        if ka not in p or kb not in p:
+            have, miss = (ka, kb) if ka in p else (kb, ka)
+            raise InvalidAdapter(wfile, f"{name} has {have} but no {miss}")
+        a, b = p[ka], p[kb]
+        if a.ndim != 2 or b.ndim != 2:
+            raise UnsupportedAdapter(
+                wfile, f"{name}: only 2-D LoRA factors are supported (got {list(a.shape)} and "
+                f"{list(b.shape)}; Conv LoRA is not supported)"
+            )
+        r, alpha = module_rank_alpha(cfg, name)
+        if a.shape[0] != r or b.shape[1] != r:
+            raise InvalidAdapter(
+                wfile, f"{name}: {ka} {list(a.shape)} and {kb} {list(b.shape)} disagree with r={r} "
+                "from adapter_config.json (r / rank_pattern)"
+            )
+        bias = p.get("lora_B.bias")
+        if bias is not None and (bias.ndim != 1 or bias.shape[0] != b.shape[0]):
+            raise InvalidAdapter(wfile, f"{name}: lora_B.bias has shape {list(bias.shape)}, expected [{b.shape[0]}]")
+        modules[name] = LoraModule(
+            name=name, A=a, B=b, scale=scaling(r, alpha, use_rslora), kind=kind,
+            fan_in_fan_out=fifo and kind == "linear", bias=bias, r=r, alpha=alpha,
+        )
+    return LoraAdapter(config=cfg, modules=modules, extra=extra, path=where if where.is_dir() else None)
+
+
+def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False,
+                 extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write a PEFT folder atomically (temp dir, then one rename)."""
+    from .fsutil import atomic_dir, atomic_write_bytes, save_safetensors
+
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_safetensors(adapter.tensors(), tmp / WEIGHTS_NAME, metadata={"format": "pt"}, fsync=False)
+        cfg = dict(adapter.config)
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            atomic_write_bytes(tmp / name, data, fsync=False)
+    return out
+
+
+def adapter_summary(adapter: LoraAdapter) -> dict:
+    """What `adapters inspect` shows, as plain data."""
+    cfg = adapter.config
+    modules = []
+    for name, m in adapter.modules.items():
+        modules.append({
+            "module": name, "kind": m.kind, "r": m.rank, "alpha": m.alpha, "scaling": m.scale,
+            "delta_shape": list(m.delta_shape), "delta_norm": m.delta_norm(),
+            "dtype": str(m.A.dtype).replace("torch.", ""), "bias": m.bias is not None,
+        })
+    return {
+        "path": str(adapter.path) if adapter.path else None,
+        "base_model": adapter.base_model,
+        "peft_type": cfg.get("peft_type"),
+        "task_type": cfg.get("task_type"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora")),
+        "ranks": adapter.ranks,
+        "alphas": sorted({m.alpha for m in adapter.modules.values()}),
+        "scalings": sorted({round(m.scale, 8) for m in adapter.modules.values()}),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        "target_modules": cfg.get("target_modules"),
+        "targets": adapter.targets(),
+        "num_modules": len(adapter.modules),
+        "trainable_parameters": adapter.num_parameters(),
+        "modules_to_save": sorted(adapter.extra),
+        "modules": modules,
+    }
