@@ -154,6 +154,10 @@ def _hash_file(path: Path, file_hash: bool, progress=None) -> tuple[str | None, 
     digests: dict[str, str] = {}
     pos = 0
     idx = 0
+    # The file hash runs in a second thread on the same chunk as the tensor digests
+    # (hashlib drops the GIL), so hashing twice costs about one pass of wall time.
+    side = ThreadPoolExecutor(1) if file_hash else None
+    pending = None
     with open(path, "rb", buffering=0) as fh:
         if not file_hash and order:
             fh.seek(order[0].start)
@@ -162,8 +166,10 @@ def _hash_file(path: Path, file_hash: bool, progress=None) -> tuple[str | None, 
             chunk = fh.read(READ)
             if not chunk:
                 break
-            if fh_hash is not None:
-                fh_hash.update(chunk)
+            if pending is not None:
+                pending.result()
+            if side is not None:
+                pending = side.submit(fh_hash.update, chunk)
             view = memoryview(chunk)
             cend = pos + len(chunk)
             # feed every tensor that overlaps [pos, cend)
@@ -188,6 +194,10 @@ def _hash_file(path: Path, file_hash: bool, progress=None) -> tuple[str | None, 
             pos = cend
             if fh_hash is None and idx >= len(order):
                 break
+    if pending is not None:
+        pending.result()
+    if side is not None:
+        side.shutdown()
     for t in order:
         if t.name in hashers:  # the file ended early
             raise InvalidModel(path, f"tensor {t.name} is cut short (truncated file?)")
