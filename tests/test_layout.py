@@ -59,3 +59,22 @@ def test_readme_commands_and_ci():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_a_normal_wheel_install_maps_trainer_and_registry(tmp_path):
+    """Editable installs are what we test with; a plain wheel must import the same way."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(ROOT)],
+                   check=True, capture_output=True)
+    wheel = next(wheel_dir.glob("adapterhub_local-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import adapterhub_local.trainer as t, adapterhub_local.registry as r, adapterhub_local.cli;"
+            "print(t.__file__); print(r.__file__)")
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
+                         capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    paths = out.stdout.split()
+    assert paths[0].startswith(str(target)) and paths[0].endswith("adapterhub_local/trainer/__init__.py")
+    assert paths[1].startswith(str(target)) and paths[1].endswith("adapterhub_local/registry/__init__.py")
