@@ -1,6 +1,6 @@
 """The SQLite registry and blob store (imported as adapterhub_local.registry).
 
-Contract used by merge, trainer and hub (implemented by the registry issue):
+Contract used by merge, trainer and hub:
 
     open_registry(home: Path | None = None) -> Registry
     Registry.register(adapter_dir, name, *, base_dir=None, base_fingerprint=None,
@@ -12,4 +12,15 @@ Contract used by merge, trainer and hub (implemented by the registry issue):
     Registry.record_merge(inputs, weights, method, params, output, recipe,
                           output_version=None) -> int
     Registry.set_hub(ref, repo_id, revision, commit_id)
+
+Beyond it: list(...), set_alias / remove_alias, export, rm, gc, verify, lineage,
+merges_for, merge(id), set_merge_output, find_by_content, base_models.
 """
+
+from .blobs import BlobCorrupt, sha256_file
+from .core import PROVENANCE_NAME, Registry, open_registry
+from .query import BadQuery, parse_pairs, parse_where
+from .records import VersionRecord
+
+__all__ = ["BadQuery", "BlobCorrupt", "PROVENANCE_NAME", "Registry", "VersionRecord", "open_registry",
+           "parse_pairs", "parse_where", "sha256_file"]

@@ -1,0 +1,153 @@
+"""`list` filters: metric conditions (``eval_loss<1.2``), name globs, base, alias; sorting.
+
+Conditions are parsed into (key, operator, number) and bound as SQL parameters;
+nothing a user types is ever pasted into SQL text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..errors import AdapterHubError
+
+OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "=": "=", "==": "=", "!=": "!="}
+KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
+_COND = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_.\-/]*)\s*(?P<op><=|>=|!=|==|=|<|>)\s*(?P<value>\S+)\s*$")
+_AND = re.compile(r"\s+and\s+|\s*&&\s*", re.IGNORECASE)
+# Columns of the versions table a condition or a sort may name; anything else is a metric.
+COLUMNS = {"rank": "v.rank", "alpha": "v.alpha", "size": "v.size", "version": "v.version",
+           "num_parameters": "v.num_parameters"}
+SORTS = {"created": "v.id", "name": "v.name", **COLUMNS}
+
+
+class BadQuery(AdapterHubError):
+    pass
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    op: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value:g}"
+
+
+def parse_where(texts) -> list[Condition]:
+    """``["eval_loss<1.2 and acc>=0.8", "rank=8"]`` -> conditions (all must hold)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    out = []
+    for text in texts:
+        for part in _AND.split(text.strip()):
+            m = _COND.match(part)
+            if not m:
+                raise BadQuery(f"cannot parse condition {part!r}",
+                               "write KEY OP NUMBER with OP one of < <= > >= = !=, e.g. 'eval_loss<1.2'")
+            try:
+                value = float(m.group("value"))
+            except ValueError:
+                raise BadQuery(f"condition {part!r}: {m.group('value')!r} is not a number") from None
+            if math.isnan(value):
+                raise BadQuery(f"condition {part!r}: NaN never compares")
+            out.append(Condition(m.group("key"), OPS[m.group("op")], value))
+    return out
+
+
+def parse_pairs(items, what: str = "metric", numeric: bool = True) -> dict:
+    """``["eval_loss=1.1", "acc=0.8"]`` -> {key: value}; one clear error for bad syntax."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise BadQuery(f"bad {what} {item!r}", f"write {what}s as key=value, e.g. eval_loss=1.23")
+        if not KEY_RE.match(key):
+            raise BadQuery(f"bad {what} name {key!r}", "use letters, digits, _ . - /, starting with a letter")
+        if numeric:
+            try:
+                num = float(value)
+            except ValueError:
+                raise BadQuery(f"{what} {key}: {value!r} is not a number") from None
+            if not math.isfinite(num):
+                raise BadQuery(f"{what} {key}: {value!r} is not a finite number")
+            out[key] = num
+        else:
+            out[key] = value
+    return out
+
+
+def check_metrics(metrics: dict | None) -> dict[str, float]:
+    out = {}
+    for key, value in (metrics or {}).items():
+        if not isinstance(key, str) or not KEY_RE.match(key):
+            raise BadQuery(f"bad metric name {key!r}", "use letters, digits, _ . - /, starting with a letter")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)  # numpy / torch scalars
+            except (TypeError, ValueError):
+                raise BadQuery(f"metric {key}: {value!r} is not a number") from None
+        if not math.isfinite(float(value)):
+            raise BadQuery(f"metric {key}: {value!r} is not a finite number")
+        out[key] = float(value)
+    return out
+
+
+def build_list_query(*, name: str | None = None, base: str | None = None, alias: str | None = None,
+                     where=(), sort: str | None = None, descending: bool | None = None,
+                     limit: int | None = 50, latest_only: bool = False) -> tuple[str, list]:
+    """SQL + parameters selecting version ids for `list`."""
+    conds = parse_where(where) if where else []
+    sql = ["SELECT v.id FROM versions v"]
+    params: list = []
+    clauses: list[str] = []
+    order = "v.id"
+    desc = True if descending is None else descending
+    if sort:
+        key = sort
+        if key.startswith("-"):
+            key, desc = key[1:], True
+        elif descending is None:
+            desc = False
+        if key in SORTS:
+            order = SORTS[key]
+        else:
+            if not KEY_RE.match(key):
+                raise BadQuery(f"cannot sort by {sort!r}", f"sort by a metric or one of: {', '.join(SORTS)}")
+            sql.append("JOIN metric_values s ON s.version_id = v.id AND s.key = ?")
+            params.append(key)
+            order = "s.value"
+    if name:
+        clauses.append("v.name GLOB ?")
+        params.append(name)
+    if base:
+        b = base if base.startswith("sha256:") or len(base) < 7 else base
+        clauses.append(
+            "(v.base_fingerprint = ? OR v.base_fingerprint GLOB ? OR v.base_fingerprint IN "
+            "(SELECT fingerprint FROM base_models WHERE name_or_path = ? OR source = ? "
+            "OR name_or_path GLOB ?))")
+        prefix = b if b.startswith("sha256:") else "sha256:" + b
+        params += [b, prefix + "*", base, base, base]
+    if alias:
+        clauses.append("EXISTS (SELECT 1 FROM aliases a WHERE a.version_id = v.id AND a.alias = ?)")
+        params.append(alias)
+    if latest_only:
+        clauses.append("v.version = (SELECT max(version) FROM versions w WHERE w.adapter_id = v.adapter_id)")
+    for c in conds:
+        if c.key in COLUMNS:
+            clauses.append(f"{COLUMNS[c.key]} {c.op} ?")
+            params.append(c.value)
+        else:
+            clauses.append("EXISTS (SELECT 1 FROM metric_values m WHERE m.version_id = v.id "
+                           f"AND m.key = ? AND m.value {c.op} ?)")
+            params += [c.key, c.value]
+    if clauses:
+        sql.append("WHERE " + " AND ".join(clauses))
+    sql.append(f"ORDER BY {order} {'DESC' if desc else 'ASC'}, v.id DESC")
+    if limit is not None and limit > 0:
+        sql.append("LIMIT ?")
+        params.append(int(limit))
+    return " ".join(sql), params

@@ -1,0 +1,147 @@
+"""Numbered schema migrations (sqlite-utils ``Migrations``). Never edit an applied step:
+add ``m00N_...`` below it.
+
+Plain tables, readable column names, JSON in TEXT columns named for what they hold,
+so the db opens as it is in Datasette or the sqlite3 shell.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Migrations
+
+migrations = Migrations("adapterhub-local")
+
+
+def _run(db, sql: str) -> None:
+    for stmt in (s.strip() for s in sql.split(";")):
+        if stmt:
+            db.execute(stmt)
+
+
+@migrations()
+def m001_initial(db) -> None:
+    _run(db, """
+    CREATE TABLE base_models (
+        fingerprint TEXT PRIMARY KEY,          -- sha256 over tensors (name, dtype, shape, bytes)
+        name_or_path TEXT,                     -- config _name_or_path, else the folder
+        source TEXT,                           -- folder it was fingerprinted from
+        architecture TEXT,
+        model_type TEXT,
+        dtype TEXT,
+        num_parameters INTEGER,
+        num_tensors INTEGER,
+        total_bytes INTEGER,
+        files TEXT,                            -- JSON {file name: plain sha256}
+        shapes TEXT,                           -- JSON {tensor name: shape}, for shape checks
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE adapters (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        last_version INTEGER NOT NULL DEFAULT 0,   -- numbers are never reused, even after rm
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE blobs (
+        sha256 TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE versions (
+        id INTEGER PRIMARY KEY,
+        adapter_id INTEGER NOT NULL REFERENCES adapters(id),
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        content_sha256 TEXT NOT NULL,           -- sha256 over the sorted (file, sha256) list
+        base_fingerprint TEXT,
+        base_model TEXT,                        -- base_model_name_or_path from the config
+        rank INTEGER,
+        alpha REAL,
+        targets TEXT,                           -- JSON list of short module names
+        num_parameters INTEGER,
+        config TEXT,                            -- JSON: adapter_config.json as registered
+        size INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        note TEXT,
+        tags TEXT,                              -- JSON {key: value}
+        provenance TEXT,                        -- JSON, free form (trainer, merge, hub)
+        UNIQUE (adapter_id, version)
+    );
+    CREATE INDEX versions_name_version ON versions(name, version);
+    CREATE INDEX versions_content ON versions(adapter_id, content_sha256);
+    CREATE INDEX versions_content_any ON versions(content_sha256);
+    CREATE INDEX versions_base ON versions(base_fingerprint);
+    CREATE TABLE version_files (
+        version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        filename TEXT NOT NULL,
+        sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+        size INTEGER NOT NULL,
+        PRIMARY KEY (version_id, filename)
+    );
+    CREATE INDEX version_files_sha256 ON version_files(sha256);
+    CREATE TABLE metrics (                      -- every value ever logged
+        id INTEGER PRIMARY KEY,
+        version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value REAL NOT NULL,
+        step INTEGER,
+        split TEXT,
+        logged_at TEXT NOT NULL
+    );
+    CREATE INDEX metrics_version_key ON metrics(version_id, key);
+    CREATE TABLE metric_values (                -- the latest value per (version, key): what list filters
+        version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (version_id, key)
+    );
+    CREATE INDEX metric_values_key_value ON metric_values(key, value);
+    CREATE TABLE aliases (
+        adapter_id INTEGER NOT NULL REFERENCES adapters(id),
+        alias TEXT NOT NULL,
+        version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (adapter_id, alias)
+    );
+    CREATE INDEX aliases_version ON aliases(version_id);
+    CREATE INDEX aliases_alias ON aliases(alias);
+    CREATE TABLE merges (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        method TEXT NOT NULL,
+        weights TEXT,                           -- JSON list, one per input
+        params TEXT,                            -- JSON {parameter: value}
+        output TEXT,                            -- path or ref written
+        recipe TEXT,                            -- JSON: enough to run the merge again
+        output_version_id INTEGER REFERENCES versions(id) ON DELETE SET NULL
+    );
+    CREATE INDEX merges_output ON merges(output_version_id);
+    CREATE TABLE merge_inputs (
+        merge_id INTEGER NOT NULL REFERENCES merges(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        ref TEXT NOT NULL,                      -- name@N, or the path given
+        version_id INTEGER REFERENCES versions(id) ON DELETE SET NULL,
+        weight REAL,
+        PRIMARY KEY (merge_id, position)
+    );
+    CREATE INDEX merge_inputs_version ON merge_inputs(version_id);
+    CREATE TABLE lineage (                      -- parent -> child edges between versions
+        child_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        parent_ref TEXT NOT NULL,               -- kept readable after the parent is removed
+        parent_id INTEGER REFERENCES versions(id) ON DELETE SET NULL,
+        merge_id INTEGER REFERENCES merges(id) ON DELETE SET NULL,
+        PRIMARY KEY (child_id, parent_ref)
+    );
+    CREATE INDEX lineage_parent ON lineage(parent_id);
+    CREATE TABLE hub (
+        id INTEGER PRIMARY KEY,
+        version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        repo_id TEXT NOT NULL,
+        revision TEXT,
+        commit_id TEXT,
+        pushed_at TEXT NOT NULL
+    );
+    CREATE INDEX hub_version ON hub(version_id)
+    """)
+
+
+KNOWN = [m.name for m in migrations._migrations]
