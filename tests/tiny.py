@@ -67,3 +67,35 @@ def make_peft_adapter(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Pa
 def input_ids(vocab: int = 64, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(out: Path, texts: list[str] | None = None, vocab: int = 64,
+                   chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """A small BPE tokenizer (<s> prepended, </s> as eos, <pad>, a chat template) trained on
+    ``texts`` and saved into ``out`` (e.g. a tiny base-model folder). Needs ``vocab`` >= the
+    number of distinct characters in ``texts`` + 8."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or ["the quick brown fox jumps over the lazy dog", "hello world 0123456789"]
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=special,
+                                                      show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    return Path(out)
