@@ -1,0 +1,211 @@
+"""`adapters eval` / `adapters sweep` and the demo's building blocks, checked against
+independent computations (PEFT's own model, PEFT's merge_and_unload, per-example losses)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import load_model, make_gpt2, make_llama, make_peft_adapter
+
+from adapterhub_local.cli import cli, main
+from adapterhub_local.demo import corpus
+from adapterhub_local.demo.base import make_tokenizer
+from adapterhub_local.demo.evaluate import (Evaluator, applied, encode, eval_loss, evaluate_refs,
+                                            read_jsonl)
+from adapterhub_local.peft_format import load_adapter
+
+WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = the tiny models' vocab of 64
+
+
+def _write_data(path, seed, n=12, pattern=None):
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = pattern(rng) if pattern else [rng.choice(WORDS) for _ in range(rng.randint(3, 15))]
+        lines.append(json.dumps({"text": " ".join(words)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-eval")
+    base = make_llama(root / "base", seed=3)
+    make_tokenizer(base, WORDS)
+    a = make_peft_adapter(base, root / "a", seed=1, target_modules=["q_proj", "v_proj", "down_proj"])
+    b = make_peft_adapter(base, root / "b", seed=2, r=2, lora_alpha=4, use_rslora=True,
+                          target_modules=["q_proj", "o_proj", "gate_proj"])
+    da = _write_data(root / "da.eval.jsonl", 1)
+    db = _write_data(root / "db.eval.jsonl", 2, pattern=lambda r: ["w1", "w2", r.choice(WORDS)] * 3)
+    return {"root": root, "base": base, "a": a, "b": b, "da": da, "db": db}
+
+
+def _peft_model(base, adapter):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(base), str(adapter)).eval()
+
+
+def _reference_loss(model, tokenizer, path):
+    """Per example with the model's own labels= loss, token-weighted: an independent sum."""
+    total, count = 0.0, 0
+    for rec in read_jsonl(path):
+        ids = tokenizer(rec["text"])["input_ids"] + [tokenizer.eos_token_id]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            loss = float(model(input_ids=x, labels=x).loss)
+        total += loss * (len(ids) - 1)
+        count += len(ids) - 1
+    return total / count
+
+
+def test_applied_matches_peft_logits(world):
+    model = load_model(world["base"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    for name in ("a", "b"):
+        with applied(model, [(load_adapter(world[name]), 1.0)]):
+            ours = model(input_ids=x).logits
+        ref = _peft_model(world["base"], world[name])(input_ids=x).logits
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights restored on exit"
+
+
+def test_applied_gpt2_conv1d_and_embedding(tmp_path):
+    base = make_gpt2(tmp_path / "g")
+    ad = make_peft_adapter(base, tmp_path / "ga", target_modules=["c_attn", "wte"], fan_in_fan_out=True)
+    model = load_model(base)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with applied(model, [(load_adapter(ad), 1.0)]):
+        ours = model(input_ids=x).logits
+    ref = _peft_model(base, ad)(input_ids=x).logits
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # GPT-2 ties lm_head to wte: the adapter's embedding LoRA must not leak into lm_head
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_eval_loss_equals_independent_sum(world):
+    model = load_model(world["base"])
+    ev = Evaluator(batch_size=5)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    ours = ev.run(model, tok, world["da"]).loss
+    assert ours == pytest.approx(_reference_loss(model, tok, world["da"]), rel=1e-5)
+    # batch size does not change the number
+    assert Evaluator(batch_size=1).run(model, tok, world["da"]).loss == pytest.approx(ours, rel=1e-5)
+
+
+def test_prompt_completion_masks_prompt(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    (ids, labels), = encode(tok, [{"prompt": "w1 w2 w3", "completion": "w4 w5"}])
+    assert ids == [tok.bos_token_id, 5, 6, 7, 8, 9, tok.eos_token_id]
+    assert labels == [-100, -100, -100, -100, 8, 9, tok.eos_token_id]
+    model = load_model(world["base"])
+    res = eval_loss(model, [(ids, labels)])
+    assert res.tokens == 3
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    ref = torch.nn.functional.cross_entropy(logits[3:6], torch.tensor([8, 9, tok.eos_token_id]))
+    assert res.loss == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_merged_folder_equals_adapter_applied(world, tmp_path):
+    merged = _peft_model(world["base"], world["a"]).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    make_tokenizer(tmp_path / "merged", WORDS)
+    rows = evaluate_refs([str(world["base"]), str(world["a"]), str(tmp_path / "merged")],
+                         [world["da"]], base=world["base"])
+    loss = {r["model"]: r["loss"] for r in rows}
+    assert loss[str(world["a"])] == pytest.approx(loss[str(tmp_path / "merged")], abs=1e-5)
+    assert loss[str(world["a"])] != pytest.approx(loss[str(world["base"])], abs=1e-3)
+
+
+def test_cli_eval_table_and_json(world):
+    r = CliRunner().invoke(cli, ["eval", str(world["base"]), str(world["a"]), "--base",
+                                 str(world["base"]), "--data", str(world["da"]), "--data",
+                                 str(world["db"])], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:4] == ["MODEL", "KIND", "DA", "LOSS"]
+    assert len(lines) == 3 and "adapter" in lines[2]
+    r = CliRunner().invoke(cli, ["eval", str(world["a"]), "--base", str(world["base"]), "--data",
+                                 str(world["da"]), "--json"], catch_exceptions=False)
+    rows = json.loads(r.output)
+    assert rows[0]["kind"] == "adapter" and rows[0]["label"] == "da"
+    assert rows[0]["perplexity"] == pytest.approx(math.exp(rows[0]["loss"]))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "{nobase}", "--data", "{da}"], "needs a base model"),
+    (["eval", "{base}", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
+    (["eval", "{base}", "--data", "{nokey}"], "nokey.jsonl:1: expected a \"text\""),
+    (["eval", "{root}/missing", "--data", "{da}"], "no such file"),
+    (["eval", "{base}", "--data", "{root}/none.jsonl"], "none.jsonl: no such file"),
+    (["sweep", "{a}", "{base}", "--base", "{base}", "--data-a", "{da}", "--data-b", "{db}"],
+     "sweep interpolates two adapters"),
+])
+def test_bad_input_one_line(world, capsys, args, needle):
+    root = world["root"]
+    (root / "bad.jsonl").write_text('{"text": "w1"}\n{oops\n')
+    (root / "nokey.jsonl").write_text('{"txt": "w1"}\n')
+    if not (root / "nobase").exists():
+        import shutil
+
+        shutil.copytree(world["a"], root / "nobase")
+        cfg = json.loads((root / "nobase" / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = "someone/not-local"
+        (root / "nobase" / "adapter_config.json").write_text(json.dumps(cfg))
+    fmt = {k: str(v) for k, v in world.items()} | {"bad": str(root / "bad.jsonl"),
+                                                    "nokey": str(root / "nokey.jsonl"),
+                                                    "nobase": str(root / "nobase")}
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(**fmt) for a in args])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sweep_is_exact_interpolation(world, tmp_path):
+    """Endpoints are the adapters themselves; the midpoint equals 0.5·(W_A + W_B) built
+    from PEFT's own merge_and_unload of each adapter."""
+    r = CliRunner().invoke(cli, ["sweep", str(world["a"]), str(world["b"]), "--base", str(world["base"]),
+                                 "--data-a", str(world["da"]), "--data-b", str(world["db"]),
+                                 "--steps", "3", "--json", "--plot", str(tmp_path / "s.png")],
+                           catch_exceptions=False)
+    res = json.loads(r.output)
+    assert [row["t"] for row in res["rows"]] == [0.0, 0.5, 1.0]
+    single = {r["model"]: r for r in evaluate_refs([str(world["a"]), str(world["b"])],
+                                                   [world["da"], world["db"]], base=world["base"])
+              if r["label"] == "da"}
+    assert res["rows"][0]["loss_a"] == pytest.approx(single[str(world["a"])]["loss"], abs=1e-5)
+    assert res["rows"][2]["loss_a"] == pytest.approx(single[str(world["b"])]["loss"], abs=1e-5)
+    wa = _peft_model(world["base"], world["a"]).merge_and_unload().state_dict()
+    wb = _peft_model(world["base"], world["b"]).merge_and_unload().state_dict()
+    mid = load_model(world["base"])
+    mid.load_state_dict({k: 0.5 * wa[k] + 0.5 * wb[k] for k in wa})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    assert res["rows"][1]["loss_b"] == pytest.approx(_reference_loss(mid, tok, world["db"]), abs=1e-5)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corpus_is_deterministic_and_domains_differ():
+    assert corpus.generate("recipes", 5, seed=7) == corpus.generate("recipes", 5, seed=7)
+    vocab = set(corpus.vocabulary())
+    for domain in ["general", *corpus.DOMAINS]:
+        assert all(set(t.split()) <= vocab for t in corpus.generate(domain, 200, seed=99))
+    words = {d: set(" ".join(corpus.generate(d, 200, 0)).split()) for d in corpus.DOMAINS}
+    assert len(words["arithmetic"] & words["code"]) < 0.5 * len(words["code"])
+    assert corpus.number_words(123) == "one hundred twenty three"
