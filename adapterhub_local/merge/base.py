@@ -1,0 +1,473 @@
+"""Merge adapters into a base model, streaming: W' = W + Σ wᵢ·sᵢ·BᵢAᵢ.
+
+One pass over the base, shard by shard, tensor by tensor:
+
+* an untouched tensor is copied in 8 MiB chunks (no torch, no float32);
+* a touched tensor is read once into a reusable buffer and processed in row
+  blocks: upcast to a preallocated float32 block, every adapter's factors for
+  that module applied as ONE product (``addmm_`` with the factors of all
+  adapters concatenated along the rank), cast once to the output dtype, written.
+
+The base fingerprint is verified on the way: each tensor's digest is computed
+from the bytes already read, on a hashing thread that overlaps the arithmetic;
+when the base's cached fingerprint is still valid (same files, sizes, mtimes)
+it is reused and nothing is hashed. The output directory is a temp dir renamed
+into place only after every byte is written and the fingerprint matched.
+
+This module must not import transformers (6-8 s of start-up for nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterHubError, BaseMismatch, InvalidAdapter, ShapeMismatch
+from ..fingerprint import FP_PREFIX, Fingerprint, _tensor_head, cached_fingerprint, combine, store_fingerprint
+from ..fsutil import atomic_dir, write_chunked
+from ..lora import LoraModule
+from .inputs import MergeInput
+from .io import (FLOAT_ST, INDEX_NAME, ITEMSIZE, ST_TO_TORCH, OutTensor, Reader, index_json, numel,
+                 output_dtype, parse_size, plan_shards, scan_model, shard_header, shard_names, side_files)
+from .report import MergeReport, stderr_notify
+
+CHUNK = 8 * 1024 * 1024  # copy / hash granularity for untouched tensors
+BLOCK_ELEMS = 4 * 1024 * 1024  # float32 elements per row block (16 MiB)
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                  "tok_embeddings.weight", "embeddings.weight")
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass
+class _Edit:
+    """Everything that happens to one output tensor."""
+
+    deltas: list[tuple[LoraModule, float]] = field(default_factory=list)
+    bias: list[tuple[LoraModule, float]] = field(default_factory=list)
+    replace: tuple[torch.Tensor, str] | None = None  # modules_to_save: (tensor, input label)
+    saved_base: list[tuple[torch.Tensor, str]] = field(default_factory=list)  # a target's saved base layer
+
+    def touches(self) -> bool:
+        return bool(self.deltas or self.bias or self.replace is not None or self.saved_base)
+
+
+def _load_config(base_dir: Path) -> dict:
+    path = base_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        from ..errors import InvalidModel
+
+        raise InvalidModel(path, "not valid JSON") from None
+
+
+def _embedding_key(infos, config: dict) -> str | None:
+    vocab = config.get("vocab_size")
+    named = [k for k in infos if k.endswith(EMBED_SUFFIXES) and len(infos[k].shape) == 2
+             and (vocab is None or infos[k].shape[0] == vocab)]
+    if len(named) == 1:
+        return named[0]
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    if vocab and hidden:
+        cands = [k for k, i in infos.items() if list(i.shape) == [vocab, hidden]]
+        if len(cands) == 1:
+            return cands[0]
+    return None
+
+
+def _plan_edits(inputs: list[MergeInput], infos, tied_embed: str | None, report: MergeReport):
+    """Map output tensor name -> _Edit; check names and shapes before any work starts."""
+    edits: dict[str, _Edit] = {}
+    available = set(infos) | ({LM_HEAD} if tied_embed else set())
+
+    def shape_of(key):
+        return list(infos[tied_embed if key == LM_HEAD and key not in infos else key].shape)
+
+    def dtype_of(key):
+        return infos[tied_embed if key == LM_HEAD and key not in infos else key].dtype
+
+    for inp in inputs:
+        where = str(inp.folder)
+        module_keys = {m.weight_key for m in inp.adapter.modules.values()}
+        for m in inp.adapter.modules.values():
+            key = m.weight_key
+            if key not in available:
+                raise InvalidAdapter(where, f"module {m.name} targets {key}, which the base model does not have",
+                                     "this adapter was trained for a different architecture")
+            if list(m.delta_shape) != shape_of(key):
+                raise ShapeMismatch(m.name, shape_of(key), m.delta_shape, where=inp.ref)
+            if dtype_of(key) not in FLOAT_ST:
+                raise InvalidAdapter(where, f"{key} has dtype {dtype_of(key)}; only floating-point weights "
+                                     "can take a LoRA delta")
+            if inp.weight != 0:
+                edits.setdefault(key, _Edit()).deltas.append((m, inp.weight))
+            if m.bias is not None:
+                bkey = m.bias_key
+                if bkey not in infos:
+                    raise InvalidAdapter(where, f"{m.name} has lora_B.bias but the base layer has no bias "
+                                         f"({bkey} is missing)", "lora_bias needs a base layer with a bias")
+                if list(infos[bkey].shape) != [m.B.shape[0]]:
+                    raise ShapeMismatch(bkey, infos[bkey].shape, [m.B.shape[0]], where=inp.ref)
+                if inp.weight != 0:
+                    edits.setdefault(bkey, _Edit()).bias.append((m, inp.weight))
+        for key, tensor in inp.adapter.extra.items():
+            if key not in available:
+                raise InvalidAdapter(where, f"modules_to_save tensor {key} is not in the base model")
+            if list(tensor.shape) != shape_of(key):
+                raise ShapeMismatch(key, shape_of(key), tensor.shape, where=f"{inp.ref} (modules_to_save)")
+            if inp.weight == 0:
+                continue
+            e = edits.setdefault(key, _Edit())
+            if key in module_keys:
+                # PEFT saves a targeted embedding's own base layer: a replacement only if it differs
+                e.saved_base.append((tensor, inp.ref))
+                continue
+            if e.replace is not None:
+                raise AdapterHubError(
+                    f"{key} is replaced (modules_to_save) by both {e.replace[1]} and {inp.ref}",
+                    "two whole-tensor replacements cannot be combined; merge one of them alone",
+                )
+            if inp.weight != 1:
+                report.warn(f"{inp.ref}: {key} is a whole-tensor replacement (modules_to_save); "
+                            f"it replaces the base tensor as is, weight {inp.weight:g} does not scale it")
+            e.replace = (tensor, inp.ref)
+    return edits
+
+
+class _Hasher:
+    """Per-tensor digests on one worker thread, fed the bytes the merge reads anyway."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint") if enabled else None
+        self.digests: dict[str, str] = {}
+
+    def start(self, info):
+        return hashlib.sha256(_tensor_head(info.name, info.dtype, info.shape)) if self.enabled else None
+
+    def update(self, h, view):
+        return self.pool.submit(h.update, view) if h is not None else None
+
+    def finish(self, name, h):
+        if h is not None:
+            self.pool.submit(lambda: self.digests.__setitem__(name, h.hexdigest()))
+
+    def close(self) -> dict[str, str]:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        return self.digests
+
+
+def _wait(fut) -> None:
+    if fut is not None:
+        fut.result()
+
+
+def _stack(deltas: list[tuple[LoraModule, float]], transposed: bool):
+    mods = [(m, w) for m, w in deltas if m.transposed == transposed]
+    if not mods:
+        return None
+    a = torch.cat([m.A.to(torch.float32) for m, _ in mods], dim=0)  # (R, in)
+    b = torch.cat([m.B.to(torch.float32) * (m.scale * w) for m, w in mods], dim=1)  # (out, R)
+    return a, b
+
+
+class _Buffers:
+    """Float32 and output buffers, allocated once at the largest size any tensor needs."""
+
+    def __init__(self, max_raw: int, max_block: int, max_out_block: int):
+        self.raw = torch.empty(max(max_raw, 1), dtype=torch.uint8)
+        self.raw_view = memoryview(self.raw.numpy())
+        self.f32 = torch.empty(max(max_block, 1), dtype=torch.float32)
+        self.out = torch.empty(max(max_out_block, 1), dtype=torch.uint8)
+
+
+def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | None = "auto",
+                    max_shard_size: str | int = "5GB", force: bool = False, overwrite: bool = False,
+                    recipe: dict | None = None, progress: bool = True, notify=stderr_notify,
+                    reader: Reader | None = None, expect_base: str | None = None) -> MergeReport:
+    """Stream ``base_dir`` into ``out`` with every input's delta added. Returns the report.
+
+    ``recipe`` (from :func:`adapterhub_local.merge.recipe.merge_recipe`) is written as
+    recipe.yaml and into the model card; build it with that function for replayable output.
+    """
+    from .card import merged_model_card
+    from .recipe import dump_recipe, merge_recipe
+
+    base_dir = Path(base_dir)
+    out = Path(out)
+    report = MergeReport(operation="merge", method="linear", output=str(out))
+    out_dtype = output_dtype(dtype)
+    shard_limit = parse_size(max_shard_size)
+    if out.exists() and not overwrite:
+        raise AdapterHubError(f"{out}: already exists", "choose another --out, or --overwrite to replace it")
+    if out.resolve() == base_dir.resolve():
+        raise AdapterHubError(f"{out}: the output cannot be the base model's own folder")
+
+    files, infos = scan_model(base_dir)
+    config = _load_config(base_dir)
+    has_head = LM_HEAD in infos
+    tied = bool(config.get("tie_word_embeddings", not has_head))
+    embed_key = _embedding_key(infos, config)
+    tied_embed = embed_key if (tied and embed_key and not has_head) else None
+    edits = _plan_edits(inputs, infos, tied_embed, report)
+
+    untie = False
+    if tied and embed_key:
+        touched = {k for k, e in edits.items() if e.deltas or e.replace is not None}
+        if touched & {embed_key, LM_HEAD}:
+            # PeftModel changes only one side of a tied pair (the other keeps W); write both
+            # tensors explicitly and untie, so the merged model computes what PeftModel did.
+            untie = True
+            report.warn(f"{embed_key} and {LM_HEAD} are tied and an adapter changes "
+                        f"{' and '.join(sorted(touched & {embed_key, LM_HEAD}))}: writing both tensors and "
+                        "setting tie_word_embeddings=false in config.json", notify)
+
+    # fingerprints: expected from the adapters, found from the cache or from this pass
+    expected = {inp.ref: inp.base_fingerprint for inp in inputs}
+    for ref, fp in expected.items():
+        if not fp:
+            report.warn(f"{ref}: base unknown: cannot verify that it was trained on this base "
+                        "(no registry record or adapterhub.json with base_fingerprint)", notify)
+    if expect_base:  # a replayed recipe names the base it ran on
+        expected["recipe base"] = expect_base
+    cached = cached_fingerprint(base_dir)
+    found = cached.fingerprint if cached else None
+    if found:
+        _check_fingerprints(expected, found, force, report, notify)
+
+    # the output layout, decided before any data moves
+    out_tensors: list[OutTensor] = []
+    for name, info in infos.items():
+        dt = out_dtype if (out_dtype and info.dtype in FLOAT_ST) else info.dtype
+        out_tensors.append(OutTensor(name, dt, list(info.shape), info))
+    if untie and not has_head:
+        info = infos[embed_key]
+        dt = out_dtype if (out_dtype and info.dtype in FLOAT_ST) else info.dtype
+        out_tensors.append(OutTensor(LM_HEAD, dt, list(info.shape), info, meta={"virtual": True}))
+    shards = plan_shards(out_tensors, shard_limit)
+    names = shard_names(len(shards))
+
+    # buffers sized once for the largest tensor that needs arithmetic or a cast
+    max_raw = max_block = 0
+    for t in out_tensors:
+        e = edits.get(t.name)
+        if (e and e.touches()) or t.dtype != t.source.dtype:
+            max_raw = max(max_raw, t.source.end - t.source.start)
+            rows = t.shape[0] if t.shape else 1
+            row = max(1, numel(t.shape) // max(rows, 1))
+            max_block = max(max_block, max(1, min(rows, BLOCK_ELEMS // row)) * row)
+    bufs = _Buffers(max_raw, max_block, max_block * 4)
+    reader = reader or Reader()
+    hasher = _Hasher(enabled=found is None)
+    chunks = [bytearray(CHUNK), bytearray(CHUNK)]
+    chunk_futs = [None, None]
+    stats = {"tensors": len(out_tensors), "modified": 0, "copied": 0, "bytes_written": 0}
+
+    from ..progress import bar
+
+    pbar = bar(total=len(out_tensors), desc="merge", unit="tensor") if progress else None
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            for shard, fname in zip(shards, names):
+                with open(tmp / fname, "wb") as fh:
+                    write_chunked(fh, shard_header(shard))
+                    for t in shard:
+                        is_base = not t.meta.get("virtual")
+                        e = edits.get(t.name)
+                        if e is None and t.dtype == t.source.dtype:
+                            _copy(t, reader, hasher if is_base else None, fh, chunks, chunk_futs)
+                            stats["copied"] += 1
+                        else:
+                            _compute(t, e, reader, hasher if is_base else None, fh, bufs, report, notify)
+                            stats["modified"] += 1
+                        stats["bytes_written"] += t.nbytes
+                        if pbar is not None:
+                            pbar.update(1)
+            for f in chunk_futs:
+                _wait(f)
+            reader.close()
+            digests = hasher.close()
+            fp_source = "cache"
+            if found is None:
+                found = combine(digests)
+                fp_source = "computed while streaming"
+                _check_fingerprints(expected, found, force, report, notify)
+                _store(base_dir, found, digests, infos, config)
+            report.fingerprint = {"base": found, "source": fp_source,
+                                  "expected": dict(expected),
+                                  "verified": all(v == found for v in expected.values() if v),
+                                  "unknown": [k for k, v in expected.items() if not v]}
+            (tmp / INDEX_NAME).write_text(index_json(shards, names), encoding="utf-8")
+            for side in side_files(base_dir):
+                if side.name == "config.json":
+                    continue
+                shutil.copyfile(side, tmp / side.name)
+            if config:
+                new_cfg = dict(config)
+                if untie:
+                    new_cfg["tie_word_embeddings"] = False
+                if out_dtype:
+                    tname = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[out_dtype]
+                    for key in ("dtype", "torch_dtype"):
+                        if key in new_cfg:
+                            new_cfg[key] = tname
+                    if "dtype" not in new_cfg and "torch_dtype" not in new_cfg:
+                        new_cfg["dtype"] = tname
+                (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n",
+                                                 encoding="utf-8")
+            if recipe is None:
+                recipe = merge_recipe(base_dir, inputs, dtype=dtype, max_shard_size=max_shard_size,
+                                      force=force, base_fingerprint=found)
+            report.recipe = recipe
+            (tmp / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            (tmp / "README.md").write_text(
+                merged_model_card(config, base_dir, inputs, recipe, report.warnings, found), encoding="utf-8")
+    finally:
+        if pbar is not None:
+            pbar.close()
+        reader.close()
+        if hasher.pool is not None:
+            hasher.pool.shutdown(wait=True)
+
+    report.inputs = [{"ref": i.ref, "weight": i.weight, "path": str(i.folder),
+                      "base_fingerprint": i.base_fingerprint, "modules": len(i.adapter.modules),
+                      "ranks": i.adapter.ranks} for i in inputs]
+    report.modules = _module_rows(inputs)
+    report.summary = {**stats, "shards": len(shards), "untied": untie,
+                      "max_tensors_in_memory": reader.max_live, "dtype": out_dtype or "auto",
+                      "exact": True}
+    return report.finish()
+
+
+def _check_fingerprints(expected: dict, found: str, force: bool, report: MergeReport, notify) -> None:
+    for ref, fp in expected.items():
+        if fp and fp != found:
+            if not force:
+                raise BaseMismatch(fp, found, what=f"{ref}: base model")
+            report.warn(f"--force: {ref} expects base {fp} but this base is {found}; merged anyway", notify)
+
+
+def _store(base_dir: Path, found: str, digests: dict, infos, config: dict) -> None:
+    """Cache the fingerprint we just computed, so the next look at this base is free."""
+    fp = Fingerprint(fingerprint=found, tensors=dict(digests), num_tensors=len(digests))
+    for info in infos.values():
+        n = numel(info.shape)
+        fp.num_parameters += n
+        fp.dtypes[info.dtype] = fp.dtypes.get(info.dtype, 0) + n
+        fp.total_bytes += info.end - info.start
+    archs = config.get("architectures") or [None]
+    fp.architecture, fp.model_type = archs[0], config.get("model_type")
+    fp.name_or_path = config.get("_name_or_path") or str(Path(base_dir).resolve())
+    assert found.startswith(FP_PREFIX)
+    store_fingerprint(base_dir, fp)
+
+
+def _copy(t: OutTensor, reader: Reader, hasher: _Hasher | None, fh, chunks, futs) -> None:
+    info = t.source
+    reader.begin(info)
+    h = hasher.start(info) if hasher else None
+    size = info.end - info.start
+    pos = 0
+    k = 0
+    while pos < size:
+        n = min(CHUNK, size - pos)
+        _wait(futs[k])  # the hash thread may still read this buffer
+        view = memoryview(chunks[k])[:n]
+        reader.read_into(info, view, pos)
+        futs[k] = hasher.update(h, view) if hasher else None
+        fh.write(view)
+        pos += n
+        k ^= 1
+    if hasher:
+        hasher.finish(info.name, h)
+    reader.end(info)
+
+
+def _compute(t: OutTensor, e: _Edit | None, reader: Reader, hasher: _Hasher | None, fh, bufs: _Buffers,
+             report: MergeReport, notify) -> None:
+    info = t.source
+    nbytes = info.end - info.start
+    reader.begin(info)
+    view = bufs.raw_view[:nbytes]
+    reader.read_into(info, view)
+    fut = None
+    if hasher:
+        h = hasher.start(info)
+        fut = hasher.update(h, view)
+        hasher.finish(info.name, h)
+    src = bufs.raw[:nbytes].view(ST_TO_TORCH[info.dtype])
+    shape = list(info.shape) or [1]
+    rows = shape[0]
+    row = max(1, numel(shape) // max(rows, 1))
+    src2 = src.view(rows, row)
+    out_t = ST_TO_TORCH[t.dtype]
+    e = e or _Edit()
+
+    replacement = None
+    if e.replace is not None:
+        replacement = e.replace[0]
+    for saved, label in e.saved_base:
+        if not torch.equal(saved.to(torch.float32).reshape(rows, row), src2.to(torch.float32)):
+            if replacement is not None:
+                raise AdapterHubError(f"{t.name} is replaced by more than one adapter ({label} among them)",
+                                      "merge them one at a time")
+            report.warn(f"{label}: its saved copy of {t.name} differs from the base; using the saved copy",
+                        notify)
+            replacement = saved
+    if replacement is not None:
+        replacement = replacement.reshape(rows, row)
+
+    plain = _stack(e.deltas, transposed=False)
+    trans = _stack(e.deltas, transposed=True)
+    bias = None
+    if e.bias:
+        bias = sum(m.bias.to(torch.float32) * (m.scale * w) for m, w in e.bias)
+
+    block_rows = max(1, min(rows, BLOCK_ELEMS // row))
+    itemsize = ITEMSIZE[t.dtype]
+    for r0 in range(0, rows, block_rows):
+        r1 = min(rows, r0 + block_rows)
+        n = (r1 - r0) * row
+        blk = bufs.f32[:n].view(r1 - r0, row)
+        blk.copy_(replacement[r0:r1] if replacement is not None else src2[r0:r1])
+        if plain is not None:
+            a, b = plain
+            blk.addmm_(b[r0:r1], a)  # rows of W are output features
+        if trans is not None:
+            a, b = trans
+            blk.addmm_(a[:, r0:r1].T, b.T)  # W is stored (in, out): rows are input features
+        if bias is not None:
+            blk.add_(bias.view(rows, row)[r0:r1])
+        if out_t == torch.float32:
+            data = blk
+        else:
+            data = bufs.out[: n * itemsize].view(out_t).view(r1 - r0, row)
+            data.copy_(blk)  # the one cast
+        if out_t == torch.float16 and not bool(torch.isfinite(data).all()):
+            raise AdapterHubError(f"{t.name}: the merged tensor has non-finite values (overflow in "
+                                  f"{t.dtype}?)", "try --dtype float32 or smaller weights")
+        write_chunked(fh, data.reshape(-1).view(torch.uint8).numpy())
+    _wait(fut)
+    reader.end(info)
+
+
+def _module_rows(inputs: list[MergeInput]) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for inp in inputs:
+        for name, m in inp.adapter.modules.items():
+            r = rows.setdefault(name, {"module": name, "norms": {}, "ranks": {}})
+            r["norms"][inp.ref] = abs(inp.weight) * m.delta_norm()
+            r["ranks"][inp.ref] = m.rank
+        for key in inp.adapter.extra:
+            r = rows.setdefault(key, {"module": key, "norms": {}, "ranks": {}})
+            r.setdefault("replaced_by", []).append(inp.ref)
+    return [rows[k] for k in sorted(rows)]

@@ -1,0 +1,176 @@
+"""Extract: the difference of two full models as a LoRA adapter (truncated SVD per module).
+
+Streams both models one tensor pair at a time. Every 2-D weight that differs
+becomes a LoRA module: ΔW = tuned − base in float32, SVD, keep the top ``rank``
+singular directions (or, with ``energy``, the fewest that keep that share of
+‖ΔW‖², at most ``rank``; per-module ranks go to rank_pattern). Embeddings become
+embedding LoRA; GPT-2's Conv1D weights (stored in×out) get fan_in_fan_out.
+Differences a LoRA cannot express (norms, biases, changed shapes) are reported,
+not silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterHubError, BaseMismatch
+from ..lora import LoraModule
+from ..peft_format import LoraAdapter, lora_config, save_adapter
+from .inputs import PROVENANCE_NAME
+from .io import FLOAT_ST, ST_TO_TORCH, Reader, scan_model
+from .report import MergeReport, rel_error, stderr_notify
+
+EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings",
+               "position_embeddings", "embed_positions", "token_type_embeddings")
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "decision_transformer"}
+EXACT_SVD_MAX = 1024  # above this smaller dimension, a seeded randomised SVD
+
+
+def _read(reader: Reader, info) -> torch.Tensor:
+    buf = bytearray(info.end - info.start)
+    reader.begin(info)
+    reader.read_into(info, memoryview(buf))
+    reader.end(info)
+    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    return t.view(ST_TO_TORCH[info.dtype]).reshape(info.shape).to(torch.float32)
+
+
+def _svd(d: torch.Tensor, k_max: int, seed: int):
+    m = min(d.shape)
+    if m <= EXACT_SVD_MAX or k_max * 4 > m:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        return u, s, vh
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(d, q=min(m, k_max + 16), niter=4)
+    return u, s, v.T
+
+
+def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: float | None = None,
+                 seed: int = 0, overwrite: bool = False, progress: bool = True, expect: dict | None = None,
+                 notify=stderr_notify) -> MergeReport:
+    from ..fingerprint import fingerprint_model
+    from ..progress import bar
+    from .card import adapter_card
+    from .recipe import dump_recipe, extract_recipe
+
+    if rank is None or int(rank) <= 0:
+        raise AdapterHubError("extract needs --rank R (a positive integer; with --energy, the largest rank)")
+    rank = int(rank)
+    if energy is not None and not 0 < energy <= 1:
+        raise AdapterHubError(f"--energy must be in (0, 1], got {energy}")
+    base_dir, tuned_dir, out = Path(base_dir), Path(tuned_dir), Path(out)
+    if out.exists() and not overwrite:
+        raise AdapterHubError(f"{out}: already exists", "choose another --out, or --overwrite to replace it")
+    report = MergeReport(operation="extract", method="svd", output=str(out))
+    _, binfo = scan_model(base_dir)
+    _, tinfo = scan_model(tuned_dir)
+    try:
+        config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    fifo_model = config.get("model_type") in CONV1D_MODEL_TYPES
+
+    base_fp = fingerprint_model(base_dir, file_hashes=False).fingerprint
+    tuned_fp = fingerprint_model(tuned_dir, file_hashes=False).fingerprint
+    for what, want, have in (("base", (expect or {}).get("base"), base_fp),
+                             ("tuned", (expect or {}).get("tuned"), tuned_fp)):
+        if want and want != have:
+            raise BaseMismatch(want, have, what=f"recipe {what} model")
+    if base_fp == tuned_fp:
+        raise AdapterHubError(f"{tuned_dir} and {base_dir} have identical weights: nothing to extract")
+
+    rb, rt = Reader(), Reader()
+    modules: dict[str, LoraModule] = {}
+    rows, missed = [], []
+    tot_sq = tot_err = 0.0
+    pbar = bar(total=len(binfo), desc="extract", unit="tensor") if progress else None
+    try:
+        for name, bi in binfo.items():
+            if pbar is not None:
+                pbar.update(1)
+            ti = tinfo.get(name)
+            if ti is None:
+                missed.append({"tensor": name, "why": "missing from the tuned model"})
+                continue
+            if list(ti.shape) != list(bi.shape):
+                missed.append({"tensor": name, "why": f"shape changed {bi.shape} -> {ti.shape}"})
+                continue
+            if bi.dtype not in FLOAT_ST:
+                continue
+            d = _read(rt, ti)
+            d.sub_(_read(rb, bi))
+            sq = float(d.double().pow(2).sum())
+            if sq == 0:
+                continue
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if d.ndim != 2 or module is None:
+                missed.append({"tensor": name, "why": "not a 2-D weight (LoRA cannot express it)",
+                               "norm": sq**0.5})
+                continue
+            short = module.rsplit(".", 1)[-1]
+            kind = "embedding" if short in EMBED_NAMES else "linear"
+            transposed = kind == "embedding" or fifo_model
+            target = d.T if transposed else d  # B @ A orientation: (out, in), embedding (dim, num)
+            u, s, vh = _svd(target, rank, seed)
+            k = min(rank, int(s.numel()))
+            full_sq = sq
+            if energy is not None:
+                cum = torch.cumsum(s.double() ** 2, 0) / full_sq
+                k = min(k, int((cum < energy - 1e-12).sum()) + 1)
+            root = s[:k].sqrt()
+            b = (u[:, :k] * root).contiguous()
+            a = (root[:, None] * vh[:k]).contiguous()
+            approx = b @ a
+            err_sq = float((target.double() - approx.double()).pow(2).sum())
+            modules[module] = LoraModule(name=module, A=a, B=b, scale=1.0, kind=kind,
+                                         fan_in_fan_out=fifo_model and kind == "linear", r=k, alpha=float(k))
+            rows.append({"module": module, "kind": kind, "rank": k, "norm": sq**0.5,
+                         "rel_error": rel_error(sq, err_sq), "energy_kept": max(0.0, 1 - err_sq / sq)})
+            tot_sq += sq
+            tot_err += err_sq
+        for name in tinfo:
+            if name not in binfo:
+                missed.append({"tensor": name, "why": "only in the tuned model"})
+    finally:
+        rb.close()
+        rt.close()
+        if pbar is not None:
+            pbar.close()
+    if not modules:
+        raise AdapterHubError("no 2-D weight differs between the models: nothing a LoRA could hold")
+    for m in missed:
+        report.warn(f"not captured: {m['tensor']} ({m['why']})", notify)
+
+    ranks = Counter(m.rank for m in modules.values())
+    r = rank if rank in ranks else ranks.most_common(1)[0][0]
+    pattern = {re.escape(n): m.rank for n, m in modules.items() if m.rank != r}
+    cfg = lora_config(r=r, lora_alpha=r, rank_pattern=pattern,
+                      alpha_pattern={k: float(v) for k, v in pattern.items()},
+                      target_modules=sorted(modules), fan_in_fan_out=fifo_model,
+                      base_model_name_or_path=config.get("_name_or_path") or str(base_dir.resolve()))
+    adapter = LoraAdapter(config=cfg, modules=modules)
+    params = {"rank": rank, "energy": energy, "seed": seed}
+    recipe = extract_recipe(base_dir, tuned_dir, base_fingerprint=base_fp, tuned_fingerprint=tuned_fp,
+                            params=params)
+    summary = {"modules": len(modules), "rank": rank, "ranks": sorted(ranks), "energy": energy,
+               "rel_error": rel_error(tot_sq, tot_err), "energy_kept": max(0.0, 1 - tot_err / tot_sq),
+               "exact": tot_err <= 1e-10 * tot_sq, "not_captured": missed,
+               "trainable_parameters": adapter.num_parameters()}
+    provenance = {"base_fingerprint": base_fp, "created_by": recipe["tool"], "method": "extract",
+                  "tuned_fingerprint": tuned_fp}
+    save_adapter(adapter, out, overwrite=overwrite, extra_files={
+        "recipe.yaml": dump_recipe(recipe),
+        PROVENANCE_NAME: json.dumps(provenance, indent=2, sort_keys=True) + "\n",
+        "README.md": adapter_card(cfg["base_model_name_or_path"], recipe, summary, report.warnings),
+    })
+    report.modules = rows
+    report.summary = summary
+    report.recipe = recipe
+    report.fingerprint = {"base": base_fp, "tuned": tuned_fp}
+    return report.finish()

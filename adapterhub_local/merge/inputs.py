@@ -1,0 +1,117 @@
+"""What a merge reads: adapters resolved from registry references or folders.
+
+Each input remembers how the user named it (a registry reference such as
+``support@3`` or a path), the content hashes of its two files (so a recipe can
+prove it replays the same bytes), its weight, and the base-model fingerprint
+it expects: a registry version's ``base_fingerprint``, else the
+``adapterhub.json`` provenance file of an exported folder, else unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterHubError, InvalidAdapter
+from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
+
+PROVENANCE_NAME = "adapterhub.json"
+
+
+@dataclass
+class MergeInput:
+    ref: str  # canonical: "name@3" for registry versions, the path as given otherwise
+    folder: Path
+    adapter: LoraAdapter
+    weight: float = 1.0
+    record: object | None = None  # registry VersionRecord
+    base_fingerprint: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
+
+    @property
+    def label(self) -> str:
+        return self.ref
+
+    def to_recipe(self) -> dict:
+        ref = self.ref if self.record is not None else str(Path(self.folder).resolve())
+        d = {"ref": ref, "weight": self.weight,
+             "sha256": {k: self.files[k] for k in sorted(self.files)}}
+        if self.base_fingerprint:
+            d["base_fingerprint"] = self.base_fingerprint
+        return d
+
+
+def parse_weights(text: str | None, n: int, default: float = 1.0) -> list[float]:
+    """``"0.7,0.3"`` -> [0.7, 0.3]; one weight per input."""
+    if text is None or str(text).strip() == "":
+        return [default] * n
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:
+        parts = [p for p in str(text).replace(" ", "").split(",") if p != ""]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise AdapterHubError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.7,0.3") from None
+    if len(weights) != n:
+        raise AdapterHubError(f"--weights gives {len(weights)} weight(s) for {n} adapter(s)",
+                              "give one weight per adapter, in the same order")
+    for w in weights:
+        if w != w or w in (float("inf"), float("-inf")):
+            raise AdapterHubError(f"--weights {text!r}: weights must be finite numbers")
+    return weights
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    from ..fingerprint import file_sha256
+
+    return {name: file_sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)
+            if (folder / name).is_file()}
+
+
+def provenance_fingerprint(folder: Path) -> str | None:
+    path = Path(folder) / PROVENANCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InvalidAdapter(path, "not valid JSON") from None
+    fp = data.get("base_fingerprint") if isinstance(data, dict) else None
+    return str(fp) if fp else None
+
+
+def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
+    from ..refs import resolve_adapter
+
+    folder, record = resolve_adapter(str(ref), registry_home)
+    folder = Path(folder)
+    adapter = load_adapter(folder)
+    if record is not None:
+        files = dict(getattr(record, "files", None) or {}) or _file_hashes(folder)
+        files = {k: v for k, v in files.items() if k in (CONFIG_NAME, WEIGHTS_NAME)} or _file_hashes(folder)
+        return MergeInput(ref=record.ref, folder=folder, adapter=adapter, weight=weight, record=record,
+                          base_fingerprint=getattr(record, "base_fingerprint", None)
+                          or provenance_fingerprint(folder), files=files)
+    return MergeInput(ref=str(ref), folder=folder, adapter=adapter, weight=weight,
+                      base_fingerprint=provenance_fingerprint(folder), files=_file_hashes(folder))
+
+
+def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None) -> list[MergeInput]:
+    refs = list(refs)
+    if not refs:
+        raise AdapterHubError("no adapters given", "name at least one REF (registry reference or PEFT folder)")
+    weights = weights if weights is not None else [1.0] * len(refs)
+    return [resolve_input(r, w, registry_home) for r, w in zip(refs, weights)]
+
+
+def check_hashes(inp: MergeInput, expected: dict[str, str]) -> None:
+    """Refuse to replay a recipe whose input bytes changed."""
+    for name, digest in (expected or {}).items():
+        have = inp.files.get(name)
+        if have is not None and have != digest:
+            raise AdapterHubError(
+                f"{inp.ref}: {name} has sha256 {have[:12]}…, the recipe recorded {digest[:12]}…",
+                "the input changed since the recipe was written; replaying it would not give the same output",
+            )

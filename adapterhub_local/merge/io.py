@@ -1,0 +1,196 @@
+"""Streaming safetensors I/O for merges: our own reader and sharded writer.
+
+The reader reads one tensor's bytes (or one chunk of them) at a time into a
+reusable buffer; the writer lays out every output shard's header first (all
+shapes and dtypes are known before any data moves), then appends tensor bytes
+in order. Nothing ever holds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterHubError, InvalidModel
+from ..fingerprint import TensorInfo, model_files, read_header
+
+ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_name] = getattr(torch, _attr)
+FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "bf16": "BF16", "fp16": "F16",
+               "fp32": "F32", "half": "F16", "float": "F32"}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def output_dtype(name: str | None) -> str | None:
+    """--dtype value -> safetensors dtype string; None means keep each tensor's own dtype."""
+    if name is None or name == "auto":
+        return None
+    key = str(name).lower().replace("torch.", "")
+    if key not in DTYPE_NAMES:
+        raise AdapterHubError(f"--dtype {name!r}: choose auto, bfloat16, float16 or float32")
+    return DTYPE_NAMES[key]
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000 (Hugging Face's convention)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise AdapterHubError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    num = float(m.group(1))
+    unit = (m.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
+    size = int(num * base**power)
+    if size <= 0:
+        raise AdapterHubError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def scan_model(model_dir: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """Shard files and every tensor (with its byte range), in file then offset order."""
+    files = model_files(model_dir)
+    infos: dict[str, TensorInfo] = {}
+    for f in files:
+        header, _ = read_header(f)
+        for info in sorted(header.values(), key=lambda t: t.start):
+            if info.name in infos:
+                raise InvalidModel(model_dir, f"tensor {info.name} appears in more than one shard")
+            info.file = str(f)
+            infos[info.name] = info
+    return files, infos
+
+
+class Reader:
+    """Reads tensors' raw bytes from shard files into caller-owned buffers.
+
+    Tests instrument ``live`` / ``max_live`` (tensors whose bytes are held at once).
+    """
+
+    def __init__(self):
+        self._fh: dict[str, object] = {}
+        self.live = 0
+        self.max_live = 0
+        self.bytes_read = 0
+        self.max_tensor_bytes = 0
+
+    def _handle(self, path: str):
+        fh = self._fh.get(path)
+        if fh is None:
+            for old in list(self._fh):  # one shard open at a time; reads go shard by shard
+                self._fh.pop(old).close()
+            fh = self._fh[path] = open(path, "rb", buffering=0)
+        return fh
+
+    def begin(self, info: TensorInfo) -> None:
+        self.live += 1
+        self.max_live = max(self.max_live, self.live)
+        self.max_tensor_bytes = max(self.max_tensor_bytes, info.end - info.start)
+
+    def end(self, info: TensorInfo) -> None:
+        self.live -= 1
+
+    def read_into(self, info: TensorInfo, view: memoryview, offset: int = 0) -> None:
+        """Fill ``view`` with bytes [start+offset, start+offset+len(view)) of the tensor."""
+        fh = self._handle(info.file)
+        fh.seek(info.start + offset)
+        got = 0
+        n = len(view)
+        while got < n:
+            k = fh.readinto(view[got:])
+            if not k:
+                raise InvalidModel(info.file, f"tensor {info.name} is cut short (truncated file?)")
+            got += k
+        self.bytes_read += n
+
+    def close(self) -> None:
+        for fh in self._fh.values():
+            fh.close()
+        self._fh.clear()
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str  # safetensors dtype of the output
+    shape: list[int]
+    source: TensorInfo  # where the base bytes come from
+    nbytes: int = 0
+    shard: int = 0
+    offset: int = 0  # within the shard's data section
+    meta: dict = field(default_factory=dict)
+
+
+def plan_shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        t.nbytes = numel(t.shape) * ITEMSIZE[t.dtype]
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        t.shard = len(shards) - 1
+        t.offset = size
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def shard_header(tensors: list[OutTensor]) -> bytes:
+    """The 8-byte length plus JSON header, padded to 8 bytes as safetensors does."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                          "data_offsets": [t.offset, t.offset + t.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def index_json(shards: list[list[OutTensor]], names: list[str]) -> str:
+    weight_map = {t.name: names[i] for i, shard in enumerate(shards) for t in shard}
+    total = sum(t.nbytes for shard in shards for t in shard)
+    return json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                      indent=2) + "\n"
+
+
+def side_files(model_dir: Path) -> list[Path]:
+    """config, generation config, tokenizer and other small files a merged model needs."""
+    out = []
+    for p in sorted(Path(model_dir).iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in (INDEX_NAME, "README.md", "recipe.yaml",
+                                                          "model.safetensors.index.json"):
+            continue
+        if p.name.endswith(".index.json"):
+            continue
+        out.append(p)
+    return out
