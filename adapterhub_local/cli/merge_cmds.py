@@ -14,7 +14,7 @@ def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> N
     if not name:
         return
     reg = app.registry()
-    parents = [i.record for i in inputs if i.record is not None]
+    parents = [i.record if i.record is not None else str(i.folder) for i in inputs]
     recipe = report.recipe
     params = dict(recipe.get("parameters") or {})
     params.setdefault("via", recipe.get("via"))
@@ -29,8 +29,7 @@ def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> N
                                     method=str(recipe.get("method")), params=params, output=rec.ref,
                                     recipe=recipe, output_version=rec)
         report.registered = {"ref": rec.ref, "merge_id": merge_id, "is_new": getattr(rec, "is_new", True)}
-        hint(f"registered {rec.ref} (merge #{merge_id}, parents: "
-             f"{', '.join(p.ref for p in parents) or 'none in the registry'})")
+        hint(f"registered {rec.ref} (merge #{merge_id}, parents: {', '.join(rec.parents) or 'none'})")
     else:
         import os
 
