@@ -218,6 +218,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     # ---- everything that can fail on bad input fails here, before training --------------
+    if cfg.register:
+        from ..registry.core import check_name
+
+        check_name(cfg.name)
     resume = ckpt_mod.load_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         _check_resume(resume, cfg, d.world)
@@ -444,7 +448,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         atomic_write_text(out / "README.md", _card(cfg, metrics, base, d.world))
         log.close()
         if cfg.register:
-            result.record = _register(cfg, out, base, metrics, train_stats, d.world)
+            result.record = _register(cfg, out, base, metrics, train_stats, d.world, history)
     d.barrier()
     return result
 
@@ -463,7 +467,8 @@ def _card(cfg: TrainConfig, metrics: dict, base: Path, world: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _register(cfg: TrainConfig, out: Path, base: Path, metrics: dict, stats, world: int):
+def _register(cfg: TrainConfig, out: Path, base: Path, metrics: dict, stats, world: int,
+              history: list[dict]):
     from ..fingerprint import file_sha256
     from ..registry import open_registry
 
@@ -482,5 +487,11 @@ def _register(cfg: TrainConfig, out: Path, base: Path, metrics: dict, stats, wor
                            **stats.to_dict()}}
     if cfg.eval:
         provenance["eval"] = {"path": str(Path(cfg.eval).resolve()), "sha256": file_sha256(Path(cfg.eval))}
-    return reg.register(out, cfg.name, base_dir=base, metrics=numeric, tags=tags, note=cfg.note,
-                        provenance=provenance)
+    rec = reg.register(out, cfg.name, base_dir=base, metrics=numeric, tags=tags, note=cfg.note,
+                       provenance=provenance)
+    for entry in history:  # the eval curve, step by step
+        if "eval_loss" in entry:
+            reg.log_metrics(rec, {"eval_loss": entry["eval_loss"],
+                                  "eval_perplexity": entry["eval_perplexity"]},
+                            step=entry["step"], split="eval")
+    return rec
