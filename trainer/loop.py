@@ -250,7 +250,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     for layer in layers.values():
         layer.to(device)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = (getattr(model, "activation_checkpointing_enable", None)
+                  or model.gradient_checkpointing_enable)  # renamed in transformers 5
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for layer in layers.values() for p in layer.lora_parameters()]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
@@ -345,9 +347,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
             mbs = orders[epoch][k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
             rows = [[items[i] for i in data_mod.rank_slice(mb, d.rank, d.world, cfg.batch_size)]
                     for mb in mbs]
-            # a rank whose slice of a short last micro-batch is empty still joins the all-reduce
-            rows = [r if r else [data_mod.Item([pad_id, pad_id], [-100, -100])] for r in rows]
-            batches = [data_mod.collate(r, pad_id, device) for r in rows]
+            batches = []
+            for r in rows:
+                if r:
+                    batches.append(data_mod.collate(r, pad_id, device))
+                else:  # an empty slice of a short last micro-batch still joins the all-reduce
+                    batches.append({**data_mod.collate([data_mod.Item([pad_id] * 2, [-100] * 2)],
+                                                       pad_id, device), "n_tokens": 0})
             n_loss, n_tok = d.sum([sum(b["n_loss"] for b in batches), sum(b["n_tokens"] for b in batches)])
             lr = get_lr(step, cfg, total, warm)
             for group in opt.param_groups:
