@@ -14,7 +14,6 @@ import hashlib
 import os
 import re
 import sqlite3
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,6 +88,7 @@ class Registry:
         self.db_path = self.home / DB_NAME
         self.blobs = BlobStore(self.home / "blobs")
         self.checkouts = self.home / "checkouts"
+        self._lock_fh = None
         self._open()
 
     # -- connection and schema -------------------------------------------------
@@ -115,6 +115,9 @@ class Registry:
         try:
             self.conn.execute("PRAGMA busy_timeout = 60000")
             self.conn.execute("PRAGMA foreign_keys = ON")
+            # WAL + NORMAL: a crash never corrupts; a power cut may drop the last commit,
+            # which (blobs being fsynced first) leaves at most orphan blobs.
+            self.conn.execute("PRAGMA synchronous = NORMAL")
             self.db = Database(self.conn, execute_plugins=False)
             applied = [m.name for m in migrations.applied(self.db)]
             unknown = sorted(set(applied) - set(KNOWN))
@@ -144,6 +147,9 @@ class Registry:
 
     def close(self) -> None:
         self.conn.close()
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
 
     def __enter__(self):
         return self
@@ -153,22 +159,29 @@ class Registry:
 
     @contextlib.contextmanager
     def _write(self):
-        """One write transaction holding SQLite's write lock from its first statement."""
-        for attempt in range(50):
+        """One write transaction holding SQLite's write lock from its first statement.
+
+        Writers of this library queue on an flock first: the kernel wakes the next
+        one the moment the lock is free, where SQLite's busy handler would poll with
+        growing sleeps (8 concurrent registrars ran ~5x slower that way).
+        """
+        if self._lock_fh is None:
+            self._lock_fh = open(self.home / ".write.lock", "a+")
+        fcntl.flock(self._lock_fh, fcntl.LOCK_EX)
+        try:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as e:  # busy beyond the timeout under heavy load
-                if "locked" not in str(e) or attempt == 49:
-                    raise RegistryError(f"{self.db_path}: database is locked by another process") from None
-                time.sleep(0.05)
-        try:
-            yield self.conn
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
+            except sqlite3.OperationalError as e:  # another tool (sqlite3 shell) holds it past the timeout
+                raise RegistryError(f"{self.db_path}: database is locked ({e})") from None
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        finally:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
 
     def _q(self, sql: str, params=()) -> list[dict]:
         cur = self.conn.cursor()
