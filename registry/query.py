@@ -14,7 +14,7 @@ from ..errors import AdapterHubError
 
 OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "=": "=", "==": "=", "!=": "!="}
 KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
-_COND = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_.\-/]*)\s*(?P<op><=|>=|!=|==|=|<|>)\s*(?P<value>\S+)\s*$")
+_COND = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_.\-/]*)\s*(?P<op><=|>=|!=|==|=|<|>)\s*(?P<value>[^<>=!\s]\S*)\s*$")
 _AND = re.compile(r"\s+and\s+|\s*&&\s*", re.IGNORECASE)
 # Columns of the versions table a condition or a sort may name; anything else is a metric.
 COLUMNS = {"rank": "v.rank", "alpha": "v.alpha", "size": "v.size", "version": "v.version",
