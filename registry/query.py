@@ -99,11 +99,30 @@ def check_metrics(metrics: dict | None) -> dict[str, float]:
 def build_list_query(*, name: str | None = None, base: str | None = None, alias: str | None = None,
                      where=(), sort: str | None = None, descending: bool | None = None,
                      limit: int | None = 50, latest_only: bool = False) -> tuple[str, list]:
-    """SQL + parameters selecting version ids for `list`."""
+    """SQL + parameters selecting version ids for `list`.
+
+    Metric conditions are joins on metric_values (one per key). The driving join is
+    pinned to an index (SQLite has no statistics on a registry nobody ran ANALYZE on,
+    and guesses a sort of every match): newest-first walks one metric's
+    (key, version_id, value) index backwards and stops after LIMIT matches; a metric
+    sort walks (key, value). Other conditions are primary-key lookups.
+    """
     conds = parse_where(where) if where else []
-    sql = ["SELECT v.id FROM versions v"]
-    params: list = []
+    joins: list[str] = []
+    join_params: list = []
     clauses: list[str] = []
+    params: list = []
+    metric_alias: dict[str, str] = {}
+
+    def metric(key: str, index: str = "") -> str:
+        if key not in metric_alias:
+            a = f"m{len(metric_alias)}"
+            metric_alias[key] = a
+            hint = f" INDEXED BY {index}" if index else ""
+            joins.append(f"JOIN metric_values {a}{hint} ON {a}.version_id = v.id AND {a}.key = ?")
+            join_params.append(key)
+        return metric_alias[key]
+
     order = "v.id"
     desc = True if descending is None else descending
     if sort:
@@ -117,37 +136,37 @@ def build_list_query(*, name: str | None = None, base: str | None = None, alias:
         else:
             if not KEY_RE.match(key):
                 raise BadQuery(f"cannot sort by {sort!r}", f"sort by a metric or one of: {', '.join(SORTS)}")
-            sql.append("JOIN metric_values s ON s.version_id = v.id AND s.key = ?")
-            params.append(key)
-            order = "s.value"
+            order = f"{metric(key, 'metric_values_key_value')}.value"
+    metric_conds = [c for c in conds if c.key not in COLUMNS]
+    if order == "v.id" and metric_conds:
+        order = f"{metric(metric_conds[0].key, 'metric_values_key_version')}.version_id"  # same order
+    for c in conds:
+        if c.key in COLUMNS:
+            clauses.append(f"{COLUMNS[c.key]} {c.op} ?")
+        else:
+            clauses.append(f"{metric(c.key)}.value {c.op} ?")
+        params.append(c.value)
     if name:
         clauses.append("v.name GLOB ?")
         params.append(name)
     if base:
-        b = base if base.startswith("sha256:") or len(base) < 7 else base
         clauses.append(
             "(v.base_fingerprint = ? OR v.base_fingerprint GLOB ? OR v.base_fingerprint IN "
             "(SELECT fingerprint FROM base_models WHERE name_or_path = ? OR source = ? "
             "OR name_or_path GLOB ?))")
-        prefix = b if b.startswith("sha256:") else "sha256:" + b
-        params += [b, prefix + "*", base, base, base]
+        prefix = base if base.startswith("sha256:") else "sha256:" + base
+        params += [base, prefix + "*", base, base, base]
     if alias:
-        clauses.append("EXISTS (SELECT 1 FROM aliases a WHERE a.version_id = v.id AND a.alias = ?)")
+        # few versions carry a given alias: drive the query from the aliases index
+        clauses.append("v.id IN (SELECT a.version_id FROM aliases a WHERE a.alias = ?)")
         params.append(alias)
     if latest_only:
         clauses.append("v.version = (SELECT max(version) FROM versions w WHERE w.adapter_id = v.adapter_id)")
-    for c in conds:
-        if c.key in COLUMNS:
-            clauses.append(f"{COLUMNS[c.key]} {c.op} ?")
-            params.append(c.value)
-        else:
-            clauses.append("EXISTS (SELECT 1 FROM metric_values m WHERE m.version_id = v.id "
-                           f"AND m.key = ? AND m.value {c.op} ?)")
-            params += [c.key, c.value]
+    sql = ["SELECT v.id FROM versions v", *joins]
     if clauses:
         sql.append("WHERE " + " AND ".join(clauses))
-    sql.append(f"ORDER BY {order} {'DESC' if desc else 'ASC'}, v.id DESC")
+    sql.append(f"ORDER BY {order} {'DESC' if desc else 'ASC'}" + ("" if order.endswith("id") else ", v.id DESC"))
     if limit is not None and limit > 0:
         sql.append("LIMIT ?")
         params.append(int(limit))
-    return " ".join(sql), params
+    return " ".join(sql), join_params + params

@@ -144,4 +144,10 @@ def m001_initial(db) -> None:
     """)
 
 
+@migrations()
+def m002_metric_scan_index(db) -> None:
+    # lets `list --where` walk one metric's values newest-first without touching versions rows
+    db.execute("CREATE INDEX metric_values_key_version ON metric_values(key, version_id, value)")
+
+
 KNOWN = [m.name for m in migrations._migrations]
