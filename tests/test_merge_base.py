@@ -265,7 +265,7 @@ def test_dtype_option_casts_and_updates_config(llama, adapter, tmp_path):
         assert torch.equal(v, ref[k].to(torch.bfloat16)), k  # float32 math, one cast
 
 
-def test_memory_holds_one_tensor_at_a_time(tmp_path):
+def test_memory_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     base = make_llama(tmp_path / "deep", layers=8, max_shard_size="100KB")
     ad = make_peft_adapter(base, tmp_path / "ad", target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"])
@@ -287,6 +287,17 @@ def test_memory_holds_one_tensor_at_a_time(tmp_path):
     assert {name for name, _ in reader.reads} == set(state(base))
     assert max(live for _, live in reader.reads) == 1
     assert reader.max_tensor_bytes == max(v.numel() * 4 for v in state(base).values())
+    # and not even one whole tensor: reads are row blocks, so a real model's buffers stay at a few MiB
+    import adapterhub_local.merge.base as mb
+
+    reader = Counting()
+    monkeypatch.setattr(mb, "BLOCK_ELEMS", 256)
+    monkeypatch.setattr(mb, "CHUNK", 1000)
+    merge_into_base(base, resolve_inputs([str(ad)]), tmp_path / "m2", progress=False, reader=reader)
+    assert reader.max_read_bytes <= 256 * 4  # one float32 row block
+    assert reader.max_tensor_bytes > 4 * 1000
+    for f in (tmp_path / "m").iterdir():
+        assert f.read_bytes() == (tmp_path / "m2" / f.name).read_bytes(), f.name
 
 
 def test_interrupt_leaves_nothing(llama, adapter, tmp_path):

@@ -2,11 +2,12 @@
 
 One pass over the base, shard by shard, tensor by tensor:
 
-* an untouched tensor is copied in 8 MiB chunks (no torch, no float32);
-* a touched tensor is read once into a reusable buffer and processed in row
-  blocks: upcast to a preallocated float32 block, every adapter's factors for
-  that module applied as ONE product (``addmm_`` with the factors of all
-  adapters concatenated along the rank), cast once to the output dtype, written.
+* an untouched tensor is copied in 1 MiB chunks (no torch, no float32);
+* a touched tensor is read in row blocks into two alternating buffers; each
+  block is upcast into a preallocated float32 block, every adapter's factors
+  for that module are applied as ONE product (``addmm_`` with the factors of
+  all adapters concatenated along the rank), cast once to the output dtype and
+  written. Memory is a few MiB of buffers plus the adapters, whatever the model.
 
 The base fingerprint is verified on the way: each tensor's digest is computed
 from the bytes already read, on a hashing thread that overlaps the arithmetic;
@@ -37,8 +38,8 @@ from .io import (FLOAT_ST, INDEX_NAME, ITEMSIZE, ST_TO_TORCH, OutTensor, Reader,
                  output_dtype, parse_size, plan_shards, scan_model, shard_header, shard_names, side_files)
 from .report import MergeReport, stderr_notify
 
-CHUNK = 8 * 1024 * 1024  # copy / hash granularity for untouched tensors
-BLOCK_ELEMS = 4 * 1024 * 1024  # float32 elements per row block (16 MiB)
+CHUNK = 1024 * 1024  # copy / hash granularity for untouched tensors
+BLOCK_ELEMS = 1024 * 1024  # elements per row block (4 MiB in float32)
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                   "tok_embeddings.weight", "embeddings.weight")
 LM_HEAD = "lm_head.weight"
@@ -181,13 +182,28 @@ def _stack(deltas: list[tuple[LoraModule, float]], transposed: bool):
 
 
 class _Buffers:
-    """Float32 and output buffers, allocated once at the largest size any tensor needs."""
+    """Buffers allocated once, at the largest row block any tensor needs, and reused."""
 
-    def __init__(self, max_raw: int, max_block: int, max_out_block: int):
-        self.raw = torch.empty(max(max_raw, 1), dtype=torch.uint8)
-        self.raw_view = memoryview(self.raw.numpy())
+    def __init__(self, max_raw: int, max_block: int, max_out: int):
+        self.raw = [torch.empty(max(max_raw, 1), dtype=torch.uint8) for _ in range(2)]
+        self.raw_views = [memoryview(r.numpy()) for r in self.raw]
+        self.raw_futs: list = [None, None]  # pending hash of each raw buffer
         self.f32 = torch.empty(max(max_block, 1), dtype=torch.float32)
-        self.out = torch.empty(max(max_out_block, 1), dtype=torch.uint8)
+        self.out = torch.empty(max(max_out, 1), dtype=torch.uint8)
+        self.chunks = [bytearray(CHUNK), bytearray(CHUNK)]
+        self.chunk_futs: list = [None, None]
+
+    def wait(self) -> None:
+        for f in self.raw_futs + self.chunk_futs:
+            _wait(f)
+
+
+def _block_rows(shape) -> tuple[int, int, int]:
+    """(rows, elements per row, rows per block)."""
+    shape = list(shape) or [1]
+    rows = int(shape[0])
+    row = max(1, numel(shape) // max(rows, 1))
+    return rows, row, max(1, min(rows, BLOCK_ELEMS // row))
 
 
 def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | None = "auto",
@@ -257,19 +273,18 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     names = shard_names(len(shards))
 
     # buffers sized once for the largest tensor that needs arithmetic or a cast
-    max_raw = max_block = 0
+    max_raw = max_block = max_out = 0
     for t in out_tensors:
         e = edits.get(t.name)
         if (e and e.touches()) or t.dtype != t.source.dtype:
-            max_raw = max(max_raw, t.source.end - t.source.start)
-            rows = t.shape[0] if t.shape else 1
-            row = max(1, numel(t.shape) // max(rows, 1))
-            max_block = max(max_block, max(1, min(rows, BLOCK_ELEMS // row)) * row)
-    bufs = _Buffers(max_raw, max_block, max_block * 4)
+            _, row, block = _block_rows(t.shape)
+            max_block = max(max_block, block * row)
+            max_raw = max(max_raw, block * row * ITEMSIZE[t.source.dtype])
+            if t.dtype != "F32":
+                max_out = max(max_out, block * row * ITEMSIZE[t.dtype])
+    bufs = _Buffers(max_raw, max_block, max_out)
     reader = reader or Reader()
     hasher = _Hasher(enabled=found is None)
-    chunks = [bytearray(CHUNK), bytearray(CHUNK)]
-    chunk_futs = [None, None]
     stats = {"tensors": len(out_tensors), "modified": 0, "copied": 0, "bytes_written": 0}
 
     from ..progress import bar
@@ -284,7 +299,7 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
                         is_base = not t.meta.get("virtual")
                         e = edits.get(t.name)
                         if e is None and t.dtype == t.source.dtype:
-                            _copy(t, reader, hasher if is_base else None, fh, chunks, chunk_futs)
+                            _copy(t, reader, hasher if is_base else None, fh, bufs.chunks, bufs.chunk_futs)
                             stats["copied"] += 1
                         else:
                             _compute(t, e, reader, hasher if is_base else None, fh, bufs, report, notify)
@@ -292,8 +307,7 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
                         stats["bytes_written"] += t.nbytes
                         if pbar is not None:
                             pbar.update(1)
-            for f in chunk_futs:
-                _wait(f)
+            bufs.wait()
             reader.close()
             digests = hasher.close()
             fp_source = "cache"
@@ -392,72 +406,105 @@ def _copy(t: OutTensor, reader: Reader, hasher: _Hasher | None, fh, chunks, futs
     reader.end(info)
 
 
+def _replacement(t: OutTensor, e: _Edit, reader: Reader, bufs: _Buffers, report: MergeReport, notify):
+    """The tensor that replaces the base one, if any. A saved copy of a target's own base
+    layer counts only when it differs from the base (checked block by block, before any write)."""
+    replacement = e.replace[0] if e.replace is not None else None
+    if not e.saved_base:
+        return replacement
+    info = t.source
+    rows, row, block = _block_rows(info.shape)
+    item = ITEMSIZE[info.dtype]
+    for saved, label in e.saved_base:
+        flat = saved.reshape(rows, row)
+        same = True
+        for r0 in range(0, rows, block):
+            r1 = min(rows, r0 + block)
+            _wait(bufs.raw_futs[0])
+            nbytes = (r1 - r0) * row * item
+            reader.read_into(info, bufs.raw_views[0][:nbytes], r0 * row * item)
+            src = bufs.raw[0][:nbytes].view(ST_TO_TORCH[info.dtype]).view(r1 - r0, row)
+            if not torch.equal(flat[r0:r1].to(torch.float32), src.to(torch.float32)):
+                same = False
+                break
+        if same:
+            continue
+        if replacement is not None:
+            raise AdapterHubError(f"{t.name} is replaced by more than one adapter ({label} among them)",
+                                  "merge them one at a time")
+        report.warn(f"{label}: its saved copy of {t.name} differs from the base; using the saved copy", notify)
+        replacement = saved
+    return replacement
+
+
+def _factors(deltas: list[tuple[LoraModule, float]], transposed: bool):
+    """(A (R, in), B (out, R), alpha) for one addmm_; one adapter needs no copy at all."""
+    mods = [(m, w) for m, w in deltas if m.transposed == transposed]
+    if not mods:
+        return None
+    if len(mods) == 1:
+        m, w = mods[0]
+        return m.A.to(torch.float32), m.B.to(torch.float32), m.scale * w
+    a, b = _stack(mods, transposed)
+    return a, b, 1.0
+
+
 def _compute(t: OutTensor, e: _Edit | None, reader: Reader, hasher: _Hasher | None, fh, bufs: _Buffers,
              report: MergeReport, notify) -> None:
     info = t.source
-    nbytes = info.end - info.start
-    reader.begin(info)
-    view = bufs.raw_view[:nbytes]
-    reader.read_into(info, view)
-    fut = None
-    if hasher:
-        h = hasher.start(info)
-        fut = hasher.update(h, view)
-        hasher.finish(info.name, h)
-    src = bufs.raw[:nbytes].view(ST_TO_TORCH[info.dtype])
-    shape = list(info.shape) or [1]
-    rows = shape[0]
-    row = max(1, numel(shape) // max(rows, 1))
-    src2 = src.view(rows, row)
-    out_t = ST_TO_TORCH[t.dtype]
     e = e or _Edit()
-
-    replacement = None
-    if e.replace is not None:
-        replacement = e.replace[0]
-    for saved, label in e.saved_base:
-        if not torch.equal(saved.to(torch.float32).reshape(rows, row), src2.to(torch.float32)):
-            if replacement is not None:
-                raise AdapterHubError(f"{t.name} is replaced by more than one adapter ({label} among them)",
-                                      "merge them one at a time")
-            report.warn(f"{label}: its saved copy of {t.name} differs from the base; using the saved copy",
-                        notify)
-            replacement = saved
+    rows, row, block = _block_rows(info.shape)
+    replacement = _replacement(t, e, reader, bufs, report, notify)
     if replacement is not None:
         replacement = replacement.reshape(rows, row)
-
-    plain = _stack(e.deltas, transposed=False)
-    trans = _stack(e.deltas, transposed=True)
+    plain = _factors(e.deltas, transposed=False)
+    trans = _factors(e.deltas, transposed=True)
     bias = None
     if e.bias:
-        bias = sum(m.bias.to(torch.float32) * (m.scale * w) for m, w in e.bias)
+        bias = sum(m.bias.to(torch.float32) * (m.scale * w) for m, w in e.bias).view(rows, row)
 
-    block_rows = max(1, min(rows, BLOCK_ELEMS // row))
-    itemsize = ITEMSIZE[t.dtype]
-    for r0 in range(0, rows, block_rows):
-        r1 = min(rows, r0 + block_rows)
+    src_t, out_t = ST_TO_TORCH[info.dtype], ST_TO_TORCH[t.dtype]
+    src_item, out_item = ITEMSIZE[info.dtype], ITEMSIZE[t.dtype]
+    reader.begin(info)
+    h = hasher.start(info) if hasher else None
+    k = 0
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
         n = (r1 - r0) * row
+        _wait(bufs.raw_futs[k])  # the hash thread may still read this buffer
+        view = bufs.raw_views[k][: n * src_item]
+        reader.read_into(info, view, r0 * row * src_item)
+        bufs.raw_futs[k] = hasher.update(h, view) if hasher else None
         blk = bufs.f32[:n].view(r1 - r0, row)
-        blk.copy_(replacement[r0:r1] if replacement is not None else src2[r0:r1])
+        blk.copy_(replacement[r0:r1] if replacement is not None
+                  else bufs.raw[k][: n * src_item].view(src_t).view(r1 - r0, row))
         if plain is not None:
-            a, b = plain
-            blk.addmm_(b[r0:r1], a)  # rows of W are output features
+            a, b, alpha = plain
+            blk.addmm_(b[r0:r1], a, alpha=alpha)  # rows of W are output features
         if trans is not None:
-            a, b = trans
-            blk.addmm_(a[:, r0:r1].T, b.T)  # W is stored (in, out): rows are input features
+            a, b, alpha = trans
+            blk.addmm_(a[:, r0:r1].T, b.T, alpha=alpha)  # W stored (in, out): rows are input features
         if bias is not None:
-            blk.add_(bias.view(rows, row)[r0:r1])
+            blk.add_(bias[r0:r1])
         if out_t == torch.float32:
             data = blk
         else:
-            data = bufs.out[: n * itemsize].view(out_t).view(r1 - r0, row)
+            data = bufs.out[: n * out_item].view(out_t).view(r1 - r0, row)
             data.copy_(blk)  # the one cast
-        if out_t == torch.float16 and not bool(torch.isfinite(data).all()):
-            raise AdapterHubError(f"{t.name}: the merged tensor has non-finite values (overflow in "
-                                  f"{t.dtype}?)", "try --dtype float32 or smaller weights")
+            if out_t == torch.float16 and not bool(torch.isfinite(data).all()):
+                raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
+                                      "use --dtype bfloat16 or float32, or smaller weights")
         write_chunked(fh, data.reshape(-1).view(torch.uint8).numpy())
-    _wait(fut)
+        k ^= 1
+    if hasher:
+        hasher.finish(info.name, h)
     reader.end(info)
+
+
+def _norm(m: LoraModule) -> float:
+    """‖s·B·A‖_F from r×r products (float32: this is a report figure, not the merge)."""
+    a, b = m.A.to(torch.float32), m.B.to(torch.float32)
+    return abs(m.scale) * float(torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0)) ** 0.5
 
 
 def _module_rows(inputs: list[MergeInput]) -> list[dict]:
@@ -465,7 +512,7 @@ def _module_rows(inputs: list[MergeInput]) -> list[dict]:
     for inp in inputs:
         for name, m in inp.adapter.modules.items():
             r = rows.setdefault(name, {"module": name, "norms": {}, "ranks": {}})
-            r["norms"][inp.ref] = abs(inp.weight) * m.delta_norm()
+            r["norms"][inp.ref] = abs(inp.weight) * _norm(m)
             r["ranks"][inp.ref] = m.rank
         for key in inp.adapter.extra:
             r = rows.setdefault(key, {"module": key, "norms": {}, "ranks": {}})

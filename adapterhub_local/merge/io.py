@@ -96,6 +96,7 @@ class Reader:
         self.max_live = 0
         self.bytes_read = 0
         self.max_tensor_bytes = 0
+        self.max_read_bytes = 0  # the largest single read: a row block or a copy chunk
 
     def _handle(self, path: str):
         fh = self._fh.get(path)
@@ -125,6 +126,7 @@ class Reader:
                 raise InvalidModel(info.file, f"tensor {info.name} is cut short (truncated file?)")
             got += k
         self.bytes_read += n
+        self.max_read_bytes = max(self.max_read_bytes, n)
 
     def close(self) -> None:
         for fh in self._fh.values():
