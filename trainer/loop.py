@@ -250,9 +250,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     for layer in layers.values():
         layer.to(device)
     if cfg.grad_checkpointing:
-        enable = (getattr(model, "activation_checkpointing_enable", None)
-                  or model.gradient_checkpointing_enable)  # renamed in transformers 5
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        try:
+            if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError as e:
+            raise TrainConfigError(f"--grad-checkpointing: {e}") from None
     params = [p for layer in layers.values() for p in layer.lora_parameters()]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
