@@ -32,9 +32,10 @@ class BlobCorrupt(RegistryError):
         self.path = str(path)
         self.expected = expected
         self.found = found
-        what = "is missing" if found is None else f"is corrupt (its sha256 is {found})"
-        super().__init__(f"blob {self.path} {what}; expected sha256 {expected}",
-                         "run `adapters verify` to see every affected version")
+        what = "is missing" if found is None else "is corrupt"
+        super().__init__(f"blob {self.path} {what}: expected sha256 {expected}"
+                         + ("" if found is None else f", found {found}"),
+                         "`adapters verify` lists every affected version")
 
 
 def sha256_file(path: str | os.PathLike) -> tuple[str, int]:

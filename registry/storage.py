@@ -105,10 +105,11 @@ def _dependents(self, rec) -> list[str]:
     for r in self._q("SELECT DISTINCT i.merge_id, m.output, v.name, v.version FROM merge_inputs i "
                      "JOIN merges m ON m.id = i.merge_id LEFT JOIN versions v ON v.id = m.output_version_id "
                      "WHERE i.version_id = ? ORDER BY i.merge_id", (rec.id,)):
-        out.append(f"merge #{r['merge_id']} -> " + (f"{r['name']}@{r['version']}" if r["name"] else str(r["output"])))
+        target = f"{r['name']}@{r['version']}" if r["name"] else str(r["output"])
+        out.append(f"merge #{r['merge_id']} (-> {target})")
     for c in rec.children:
         if not any(c in d for d in out):
-            out.append(c)
+            out.append(f"{c} (child)")
     return out
 
 
@@ -118,8 +119,9 @@ def rm(self, ref, force: bool = False) -> dict:
     rec = self.resolve(ref)
     deps = _dependents(self, rec)
     if deps and not force:
-        raise RegistryError(f"{rec.ref} is used by {', '.join(deps[:3])}{' ...' if len(deps) > 3 else ''}",
-                            "--force removes it anyway (the lineage keeps its name)")
+        more = f" and {len(deps) - 3} more" if len(deps) > 3 else ""
+        raise RegistryError(f"{rec.ref} has dependents: {', '.join(deps[:3])}{more}",
+                            "--force removes it anyway; their lineage keeps its name")
     freed = 0
     removed_blobs = []
     with self._write() as conn:
@@ -222,7 +224,7 @@ def verify(self, ref=None) -> dict:
                     checked[sha] = None
                     nbytes += r["size"] or 0
                 except BlobCorrupt as e:
-                    checked[sha] = str(e)
+                    checked[sha] = e.message
             if checked[sha]:
                 problems.append({"ref": f"{r['name']}@{r['version']}", "file": r["filename"],
                                  "blob": str(self.blobs.path(sha)), "expected": sha, "problem": checked[sha]})

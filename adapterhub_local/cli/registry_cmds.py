@@ -353,8 +353,8 @@ def verify(ctx, ref, as_json):
         if report["orphans"] and report["ok"]:
             hint("orphans are harmless leftovers; `adapters gc` removes them")
     if not report["ok"]:
-        raise RegistryError(f"verify found {len(report['problems'])} problem(s)",
-                            report["problems"][0]["problem"] if len(report["problems"]) == 1 else None)
+        raise RegistryError(f"verify found {len(report['problems'])} problem(s), listed above",
+                            "restore the damaged files, or `adapters rm` the affected versions")
 
 
 COMMANDS = [register, list_cmd, show, alias, log_metric, export, rm, gc, verify]
