@@ -40,6 +40,7 @@ class BaseSpec:
     lr: float = 3e-3
     warmup: int = 20
     n_texts: int = 12000
+    domain_share: float = 0.04  # of n_texts, per domain
     seed: int = 0
 
     def key(self) -> str:
@@ -112,6 +113,19 @@ def _block_loss(model, blocks, batch_size: int = 64) -> float:
     return total / count
 
 
+def pretraining_texts(spec: BaseSpec) -> list[str]:
+    """Mostly general stories, plus a small share of each domain (seeds disjoint from the
+    domain train/eval files): a base that knows a little of everything, as real ones do."""
+    import random
+
+    texts = corpus.generate("general", spec.n_texts, seed=spec.seed + 1)
+    n_domain = int(spec.n_texts * spec.domain_share)
+    for domain in corpus.DOMAINS:
+        texts += corpus.generate(domain, n_domain, seed=spec.seed + 100)
+    random.Random(spec.seed).shuffle(texts)
+    return texts
+
+
 def build_base(out: Path, spec: BaseSpec = DEFAULT, log=print) -> dict:
     """Build, pre-train and save the demo base into ``out`` (atomic); returns its info dict."""
     import torch
@@ -134,7 +148,7 @@ def build_base(out: Path, spec: BaseSpec = DEFAULT, log=print) -> dict:
     model = LlamaForCausalLM(config).float()
     n_params = sum(p.numel() for p in model.parameters())
 
-    train = _blocks(tokenizer, corpus.generate("general", spec.n_texts, seed=spec.seed + 1), spec.seq_len)
+    train = _blocks(tokenizer, pretraining_texts(spec), spec.seq_len)
     held_out = _blocks(tokenizer, corpus.generate("general", 200, seed=spec.seed + 2), spec.seq_len)
     model.eval()
     random_loss = _block_loss(model, held_out)

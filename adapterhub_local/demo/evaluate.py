@@ -84,7 +84,10 @@ def data_label(path: str | Path) -> str:
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    """Token ids, without a trailing EOS the tokenizer may add itself (we append one)."""
+    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    eos = tokenizer.eos_token_id
+    return ids[:-1] if eos is not None and ids and ids[-1] == eos else ids
 
 
 def encode(tokenizer, records: list[dict], seq_len: int = 512) -> list[tuple[list[int], list[int]]]:

@@ -1,0 +1,220 @@
+"""`adapters demo`: the whole story, offline, each step printed as the command a user types.
+
+Every step runs our own click commands in-process (so the output is the real
+output), except the evaluation table and the sweep, which call the library
+(their numbers are also checked here) and print the equivalent command and
+the table that command prints. A verb another area has not shipped yet is
+skipped with a printed note instead of crashing the story. Numbers, checks
+and timings also go to ``demo-summary.json`` in the work dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ..errors import AdapterHubError
+
+BASE_VAR = "$BASE"
+DOMAINS = ("arithmetic", "recipes", "code")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    n_train: int = 600
+    n_eval: int = 80
+    steps: int = 60
+    eval_every: int = 20
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 3e-3
+    batch_size: int = 16
+    sweep_steps: int = 11
+    svd_rank: int = 8
+
+
+FULL = Sizes()
+QUICK = Sizes(n_train=160, n_eval=24, steps=24, eval_every=8, rank=4, alpha=8.0, lr=5e-3,
+              batch_size=8, sweep_steps=5, svd_rank=4)
+
+
+class DemoError(AdapterHubError):
+    """The demo could not run, or finished with failed steps or checks."""
+
+
+@dataclass
+class Story:
+    workdir: Path
+    base: Path
+    sizes: Sizes
+    out: object = click.echo
+    summary: dict = field(default_factory=lambda: {"steps": [], "checks": [], "skipped": [], "failed": []})
+    _step: int = 0
+    _t0: float = field(default_factory=time.perf_counter)
+
+    # --- printing --------------------------------------------------------------------------
+    def heading(self, title: str) -> None:
+        self._step += 1
+        self.summary["steps"].append({"n": self._step, "title": title, "t": round(time.perf_counter() - self._t0, 1)})
+        self.out("")
+        self.out(f"=== {self._step}. {title} " + "=" * max(3, 70 - len(title)))
+
+    def show_cmd(self, args: list[str]) -> None:
+        shown = " ".join(a if a == BASE_VAR else shlex.quote(a) for a in args)
+        self.out(f"$ adapters {shown}")
+
+    def note(self, text: str) -> None:
+        self.out(f"# {text}")
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.summary["checks"].append({"check": name, "ok": bool(ok), "detail": detail})
+        self.out(f"check: {name}: {detail} -> {'OK' if ok else 'FAILED'}")
+        return ok
+
+    # --- running our own commands ---------------------------------------------------------
+    def available(self, verb: str) -> bool:
+        from ..cli import cli
+
+        return verb in cli.commands
+
+    def has_option(self, verb: str, flag: str) -> bool:
+        from ..cli import cli
+
+        cmd = cli.commands.get(verb)
+        return cmd is not None and any(flag in p.opts for p in cmd.params)
+
+    def run(self, args: list[str], step_needs: str | None = None) -> bool:
+        """Print ``$ adapters ARGS`` and run it in-process; False when it failed or was skipped."""
+        from ..cli import cli
+
+        verb = step_needs or args[0]
+        if not self.available(verb):
+            msg = f"step {self._step} skipped: `adapters {verb}` not available yet"
+            self.out(msg)
+            self.summary["skipped"].append(msg)
+            return False
+        self.show_cmd(args)
+        real = [str(self.base) if a == BASE_VAR else a for a in args]
+        try:
+            cli.main(args=real, prog_name="adapters", standalone_mode=False, obj=_app_context())
+        except click.exceptions.Exit as e:
+            if e.exit_code:
+                return self._failed(args, f"exit {e.exit_code}")
+        except click.ClickException as e:
+            return self._failed(args, e.format_message())
+        except AdapterHubError as e:
+            return self._failed(args, str(e))
+        return True
+
+    def _failed(self, args: list[str], why: str) -> bool:
+        msg = f"step {self._step} failed: adapters {args[0]}: {why}"
+        self.out(f"error: {why}")
+        self.summary["failed"].append(msg)
+        return False
+
+
+def _app_context():
+    from ..cli.context import AppContext
+
+    return AppContext(registry_path=None, debug=False)
+
+
+@contextlib.contextmanager
+def _in_workdir(workdir: Path, registry: Path):
+    """cd into the work dir and point ADAPTERS_HOME at its registry, restoring both after."""
+    old_cwd, old_home = os.getcwd(), os.environ.get("ADAPTERS_HOME")
+    os.chdir(workdir)
+    os.environ["ADAPTERS_HOME"] = str(registry)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_home is None:
+            os.environ.pop("ADAPTERS_HOME", None)
+        else:
+            os.environ["ADAPTERS_HOME"] = old_home
+
+
+def prepare_workdir(workdir: str | Path | None) -> Path:
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="adapters-demo-")).resolve()
+    path = Path(workdir).expanduser().resolve()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DemoError(f"{path}: already exists and is not empty",
+                        "give a new or empty --workdir (the demo creates a fresh registry there)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = False,
+             out=click.echo) -> dict:
+    """Run the story; returns the summary (also written to WORKDIR/demo-summary.json)."""
+    from . import base as demo_base
+    from .evaluate import is_model_dir
+
+    sizes = QUICK if quick else FULL
+    wd = prepare_workdir(workdir)
+    out(f"adapterhub-local demo: everything below runs offline in {wd}")
+    t0 = time.perf_counter()
+    if base:
+        base_dir = Path(base).expanduser().resolve()
+        if not is_model_dir(base_dir):
+            raise DemoError(f"{base_dir}: not a model folder", "need config.json and model.safetensors")
+        base_info = {"name": base_dir.name, "user_supplied": True}
+        out(f"# base: your model {base_dir}")
+    else:
+        spec = demo_base.QUICK if quick else demo_base.DEFAULT
+        base_dir, base_info, cached = demo_base.ensure_base(
+            spec, rebuild=rebuild_base, log=lambda m: out(f"# {m}"))
+        if cached:
+            out(f"# embedded demo base (cached): {base_dir}")
+            out(f"# {base_info['parameters'] / 1e6:.2f}M parameters; held-out loss "
+                f"{base_info['pretrained_loss']:.3f} vs {base_info['random_init_loss']:.3f} for a random "
+                f"model (ln vocab = {base_info['ln_vocab']:.3f})")
+    story = Story(workdir=wd, base=base_dir, sizes=sizes, out=out)
+    story.summary.update({"workdir": str(wd), "base": str(base_dir), "base_info": base_info,
+                          "quick": quick, "base_seconds": round(time.perf_counter() - t0, 1)})
+    registry = wd / "registry"
+    with _in_workdir(wd, registry):
+        out(f"$ cd {wd}")
+        out(f"$ export ADAPTERS_HOME=$PWD/registry BASE={base_dir}")
+        from .steps import run_steps
+
+        run_steps(story)
+    story.summary["seconds"] = round(time.perf_counter() - t0, 1)
+    from ..fsutil import atomic_write_json
+
+    atomic_write_json(wd / "demo-summary.json", story.summary, fsync=False)
+    _epilogue(story, registry)
+    bad = story.summary["failed"] + [c["check"] for c in story.summary["checks"] if not c["ok"]]
+    if bad:
+        raise DemoError(f"demo finished with {len(bad)} problem(s): {'; '.join(bad)}")
+    return story.summary
+
+
+def _epilogue(story: Story, registry: Path) -> None:
+    s, out = story.summary, story.out
+    out("")
+    out("=" * 78)
+    out(f"done in {s['seconds']:.0f} s ({len(s['checks'])} checks, "
+        f"{sum(c['ok'] for c in s['checks'])} passed; {len(s['skipped'])} step(s) skipped)")
+    for msg in s["skipped"]:
+        out(f"  {msg}")
+    out(f"work dir:        {story.workdir}")
+    out(f"registry:        {registry}")
+    for key, label in (("sweep_plot", "sweep plot:"), ("training_plot", "training plot:")):
+        if s.get(key):
+            out(f"{label:<16} {s[key]}")
+    if s.get("dry_run_dir"):
+        out(f"push dry run:    {s['dry_run_dir']}")
+    out(f"summary:         {story.workdir / 'demo-summary.json'}")
+    out("keep exploring:  export ADAPTERS_HOME=" + str(registry) + "; adapters list; "
+        "adapters show arithmetic")
