@@ -449,7 +449,21 @@ def test_registers_with_fingerprint_metrics_and_tags(tmp_path, base, corpus):
     reg = open_registry()
     again = reg.resolve("tiny-support")
     assert again.id == rec.id
-    assert (Path(reg.adapter_path(rec)) / WEIGHTS_NAME).read_bytes() == _bytes(r.out)
+    stored = Path(reg.adapter_path(rec))
+    assert (stored / WEIGHTS_NAME).read_bytes() == _bytes(r.out)
+    assert sorted(rec.files) == ["adapter_config.json", "adapter_model.safetensors"]  # no logs
+    assert not (r.out / ".register").exists()
+    curve = reg.resolve("tiny-support")  # the eval curve went in step by step
+    assert curve.metrics["eval_loss"] == pytest.approx(r.metrics["eval_loss"])
+
+
+def test_divergence_is_an_error_not_a_nan_adapter(tmp_path, base, corpus):
+    from adapterhub_local.trainer.loop import TrainError
+
+    with pytest.raises(TrainError, match="diverged"):
+        train(cfg(base, corpus / "text.jsonl", tmp_path / "x", lr=1e30, max_steps=6,
+                  max_grad_norm=None, warmup=0, schedule="constant"))
+    assert not (tmp_path / "x" / WEIGHTS_NAME).exists()
 
 
 def test_bf16_refused_on_cpu_without_bf16(tmp_path, base, corpus, monkeypatch):

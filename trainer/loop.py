@@ -40,6 +40,10 @@ from .lora_layers import extract_adapter, inject_lora, load_lora_weights
 from .loss import CausalLMLoss
 
 
+class TrainError(AdapterHubError):
+    """Training itself failed (diverged)."""
+
+
 @dataclass
 class TrainResult:
     out: Path
@@ -142,18 +146,23 @@ def load_base(base: Path, device: torch.device):
     return model.to(device)
 
 
-def _prepare_out(cfg: TrainConfig, resume_from: Path | None) -> Path:
+def _check_out(cfg: TrainConfig, resume_from: Path | None) -> Path:
+    """Refuse an --out we would clobber (before any work); created later, once all input is valid."""
     out = cfg.out_dir
     if out.exists() and not out.is_dir():
         raise AdapterHubError(f"--out {out}: exists and is not a directory")
     inside = resume_from is not None and out.resolve() in resume_from.resolve().parents
-    if out.exists() and any(out.iterdir()) and not inside:
-        if not cfg.overwrite:
-            raise AdapterHubError(f"--out {out}: already exists and is not empty",
-                                  "choose another --out, pass --overwrite, or --resume a checkpoint")
+    if out.exists() and any(out.iterdir()) and not inside and not cfg.overwrite:
+        raise AdapterHubError(f"--out {out}: already exists and is not empty",
+                              "choose another --out, pass --overwrite, or --resume a checkpoint")
+    return out
+
+
+def _make_out(cfg: TrainConfig, out: Path, resume_from: Path | None) -> None:
+    inside = resume_from is not None and out.resolve() in resume_from.resolve().parents
+    if out.exists() and any(out.iterdir()) and not inside and cfg.overwrite:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _check_resume(blob: dict, cfg: TrainConfig, world: int) -> None:
@@ -238,10 +247,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
               "were truncated", d)
     if train_stats.dropped:
         _hint(f"data: {train_stats.dropped} example(s) had no loss token left and were skipped", d)
-    out = None
-    if d.is_main:
-        out = _prepare_out(cfg, resume["path"] if resume else None)
-    out = Path(d.broadcast_object(str(out) if out else None))
+    out = _check_out(cfg, resume["path"] if resume else None)
 
     model = load_base(base, device)
     torch.manual_seed(cfg.seed)  # A's init: same draws as PEFT's get_peft_model
@@ -279,6 +285,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     eval_batches = [data_mod.collate(eval_mine[i:i + cfg.batch_size], pad_id, device)
                     for i in range(0, len(eval_mine), cfg.batch_size)]
 
+    if d.is_main:  # all input is valid: now the output folder may appear
+        _make_out(cfg, out, resume["path"] if resume else None)
+    d.barrier()
     step, tokens_seen, best, best_step, history = 0, 0, math.inf, None, []
     saved_cfg = {**cfg.to_dict(), "world_size": d.world}
     if resume is not None:
@@ -379,6 +388,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
             tokens_seen += int(n_tok)
             (loss_total,) = d.sum([loss_sum])
             train_loss = loss_total / n_loss
+            if not math.isfinite(train_loss):
+                raise TrainError(f"training diverged: loss is {train_loss} at step {step}",
+                                 "lower --lr, or check the data; the last good checkpoint is kept")
             elapsed = time.time() - t_loop
             tps = (tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             entry = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
@@ -498,8 +510,17 @@ def _register(cfg: TrainConfig, out: Path, base: Path, metrics: dict, stats, wor
                            **stats.to_dict()}}
     if cfg.eval:
         provenance["eval"] = {"path": str(Path(cfg.eval).resolve()), "sha256": file_sha256(Path(cfg.eval))}
-    rec = reg.register(out, cfg.name, base_dir=base, metrics=numeric, tags=tags, note=cfg.note,
-                       provenance=provenance)
+    # register the PEFT files only: logs, checkpoints and best/ stay in the run folder
+    stage = out / ".register"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copyfile(out / name, stage / name)
+        rec = reg.register(stage, cfg.name, base_dir=base, metrics=numeric, tags=tags, note=cfg.note,
+                           provenance=provenance)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     for entry in history:  # the eval curve, step by step
         if "eval_loss" in entry:
             reg.log_metrics(rec, {"eval_loss": entry["eval_loss"],
