@@ -303,7 +303,7 @@ class Registry:
             return []
         rows = {r["id"]: r for r in self._q(
             f"SELECT * FROM versions WHERE id IN ({','.join('?' * len(ids))})", ids)}
-        return self._records([rows[i] for i in ids], full=False)
+        return self._records([rows[i] for i in ids])
 
     def base_model(self, fingerprint: str) -> dict | None:
         row = self._one("SELECT * FROM base_models WHERE fingerprint = ?", (fingerprint,))
