@@ -79,6 +79,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # name -> commit id
     prs: dict[int, str] = field(default_factory=dict)  # number -> commit id
     commits: dict[str, Commit] = field(default_factory=dict)
+    lfs: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo (sha256)
 
 
 class HubError(Exception):
@@ -307,8 +308,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._commit(repo_id, "/".join(rest[1:]), query, body, user)
             if method == "POST" and rest[0] == "branch" and len(rest) >= 2:
                 return self._branch(repo_id, "/".join(rest[1:]), json.loads(body or b"{}"), user)
-        if parts and parts[0] == "_lfs" and method == "PUT" and len(parts) == 2:
-            return self._lfs_put(parts[1], query, body)
+        if parts and parts[0] == "_lfs" and method == "PUT" and len(parts) == 4:
+            return self._lfs_put(f"{parts[1]}/{parts[2]}", parts[3], query, body)
         if len(parts) >= 5 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
             repo_id = f"{parts[0]}/{parts[1][:-4]}"
             if parts[5:] == ["batch"] and method == "POST":
@@ -442,40 +443,43 @@ class Handler(BaseHTTPRequestHandler):
                           "oid": oid})
         return self._json(200, {"files": files, "commitOid": commit.id})
 
-    def _sign(self, oid: str) -> str:
-        return hmac.new(self.state.secret, oid.encode(), hashlib.sha256).hexdigest()[:32]
+    def _sign(self, repo_id: str, oid: str) -> str:
+        return hmac.new(self.state.secret, f"{repo_id}\0{oid}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def _lfs_batch(self, repo_id, payload, user):
         st = self.state
-        st.repo_for_write(repo_id, user)
+        repo = st.repo_for_write(repo_id, user)
         if payload.get("operation") != "upload":
             raise HubError(400, "only uploads are supported")
         objects = []
         for o in payload.get("objects", []):
             oid, size = o["oid"], int(o["size"])
             item = {"oid": oid, "size": size, "authenticated": True}
-            if not st.has_object(oid):
+            if oid not in repo.lfs:
                 item["actions"] = {
-                    "upload": {"href": f"{st.base_url}/_lfs/{oid}?sig={self._sign(oid)}", "header": {}},
+                    "upload": {"href": f"{st.base_url}/_lfs/{repo_id}/{oid}?sig={self._sign(repo_id, oid)}",
+                               "header": {}},
                     "verify": {"href": f"{st.base_url}/{repo_id}.git/info/lfs/objects/verify", "header": {}},
                 }
             objects.append(item)
         return self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
                           content_type="application/vnd.git-lfs+json")
 
-    def _lfs_put(self, oid, query, body):
-        if not hmac.compare_digest(query.get("sig", ""), self._sign(oid)):
+    def _lfs_put(self, repo_id, oid, query, body):
+        st = self.state
+        if not hmac.compare_digest(query.get("sig", ""), self._sign(repo_id, oid)) or repo_id not in st.repos:
             raise HubError(403, "bad upload signature")
         if hashlib.sha256(body).hexdigest() != oid:
             raise HubError(400, "uploaded content does not match its sha256 oid")
-        self.state.store(body)
+        st.store(body)
+        st.repos[repo_id].lfs.add(oid)
         return self._send(200, b"", content_type="text/plain")
 
     def _lfs_verify(self, repo_id, payload, user):
         st = self.state
-        st.repo_for_write(repo_id, user)
+        repo = st.repo_for_write(repo_id, user)
         oid = payload.get("oid", "")
-        if not st.has_object(oid) or st.object_path(oid).stat().st_size != int(payload.get("size", -1)):
+        if oid not in repo.lfs or st.object_path(oid).stat().st_size != int(payload.get("size", -1)):
             raise HubError(422, f"object {oid} was not uploaded")
         return self._json(200, {})
 
@@ -506,7 +510,7 @@ class Handler(BaseHTTPRequestHandler):
                 files[value["path"]] = st.entry(value["path"], st.store(data), len(data), False)
             elif key == "lfsFile":
                 oid = value["oid"]
-                if not st.has_object(oid):
+                if oid not in repo.lfs:
                     raise HubError(400, f"LFS object {oid} for {value['path']} was never uploaded")
                 size = st.object_path(oid).stat().st_size
                 files[value["path"]] = st.entry(value["path"], oid, size, True)
@@ -631,6 +635,8 @@ class HubServer:
             for path, data in files.items():
                 lfs = len(data) > LFS_THRESHOLD or path.endswith((".safetensors", ".bin"))
                 entries[path] = st.entry(path, st.store(data), len(data), lfs)
+                if lfs:
+                    repo.lfs.add(entries[path].sha256)
             commit = st.new_commit(repo, base, entries, "add files")
             repo.branches["main"] = commit.id
             return commit.id

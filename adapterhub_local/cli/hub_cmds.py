@@ -1,5 +1,142 @@
-"""`adapters` verbs for the hub area (filled in by its issue)."""
+"""`adapters push` and `adapters pull`: the Hub, through adapterhub_local.hub."""
 
 from __future__ import annotations
 
-COMMANDS: list = []
+import click
+
+from .output import emit_json, hint, human_bytes, json_option, table
+
+
+def _quiet_hf() -> None:
+    """huggingface_hub's own bars and log lines follow our rule: only on a terminal."""
+    from huggingface_hub.utils import disable_progress_bars, logging
+
+    from ..progress import enabled
+
+    if not enabled():
+        disable_progress_bars()
+    logging.set_verbosity_error()
+
+
+@click.command()
+@click.argument("ref_or_dir", metavar="REF_OR_DIR")
+@click.argument("repo_id", metavar="REPO_ID")
+@click.option("--private", is_flag=True, help="Create the repo private (ignored if it already exists).")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--commit-message", metavar="TEXT", help="Commit title (default: what was uploaded).")
+@click.option("--token", metavar="T", help="Hub token (default: $HF_TOKEN, else the one `hf auth login` stored).")
+@click.option("--card", "card", metavar="TEMPLATE.md", type=click.Path(dir_okay=False),
+              help="Your README template (Jinja: {{ card_data }}, {{ details }}, {{ recipe }}, {{ files }}, ...); "
+              "metadata it does not set is filled in.")
+@click.option("--base-model", "base_model", multiple=True, metavar="HUB_ID",
+              help="The base model's Hub id for the card, when the adapter records only a local path (repeat "
+              "for merges of several).")
+@click.option("--dry-run", is_flag=True, help="Build the exact folder and card locally, list it, send nothing.")
+@click.option("--dry-run-dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="Where --dry-run writes the folder (new or empty; default: a new temp dir).")
+@json_option
+@click.pass_context
+def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message, token, card, base_model,
+         dry_run, dry_run_dir, as_json):
+    """Publish an adapter or a merged model to the Hub, with a model card and provenance.
+
+    REF_OR_DIR is a registry reference (name, name@3, name:prod), a PEFT adapter
+    folder, or a merged model folder (`adapters merge` output). The upload holds
+    the files, a README.md model card (base_model, base_model_relation,
+    library_name, tags, registry metrics as model-index, the recipe, the inputs'
+    versions and hashes, the base fingerprint) and adapterhub.json, the same
+    provenance for machines. The repo is created if missing. A push of a
+    registry version is recorded on it (see `adapters show`).
+
+    Tokens: --token, else $HF_TOKEN, else `hf auth login`. A self-hosted Hub:
+    set HF_ENDPOINT=https://hub.example.com. If a push fails half-way, run the
+    same command again: files already uploaded are not sent twice.
+
+    \b
+    Examples:
+      adapters push support:prod my-team/support-lora --dry-run
+      adapters push support:prod my-team/support-lora --private
+      adapters push ./merged my-team/llama-support --revision exp --commit-message "w=0.7"
+    """
+    from ..hub.push import push as do_push
+
+    if dry_run_dir and not dry_run:
+        raise click.UsageError("--dry-run-dir only makes sense with --dry-run")
+    if not dry_run:
+        _quiet_hf()
+    res = do_push(ref_or_dir, repo_id, private=private, revision=revision, create_pr=create_pr,
+                  commit_message=commit_message, token=token, dry_run=dry_run, dry_run_dir=dry_run_dir,
+                  card_template=card, base_model=base_model, registry_home=ctx.obj.registry_home)
+    if as_json:
+        emit_json(res.to_dict())
+        return
+    if res.dry_run:
+        click.echo(f"dry run: nothing was sent. {repo_id} would receive ({res.kind}):")
+        rows = [[f.path, human_bytes(f.size), f.sha256[:16]] for f in res.files]
+        click.echo(table(rows, ["file", "size", "sha256"]))
+        click.echo(f"{len(res.files)} files, {human_bytes(res.total_bytes)}")
+        click.echo(f"folder: {res.staged_dir}")
+        return
+    where = res.revision if not res.pr_url else f"pull request {res.revision}"
+    if res.unchanged:
+        click.echo(f"unchanged: {repo_id} ({where}) already holds exactly these files; commit {res.commit_id}")
+    else:
+        click.echo(f"pushed {res.registry_ref or ref_or_dir} to {repo_id} ({where}): "
+                   f"{len(res.files)} files, {human_bytes(res.total_bytes)}")
+        click.echo(f"commit {res.commit_id}")
+    click.echo(res.pr_url or res.url or res.commit_url)
+    if res.registry_ref:
+        hint(f"recorded on {res.registry_ref}; see `adapters show {res.registry_ref}`")
+
+
+@click.command()
+@click.argument("spec", metavar="REPO_ID[@REVISION]")
+@click.option("--name", "-n", help="Registry name (default: the repo name).")
+@click.option("--base", "base", metavar="MODEL_DIR", type=click.Path(file_okay=False),
+              help="Check every adapted module's shape against this base (and its fingerprint against the "
+              "published one) and record it.")
+@click.option("--token", metavar="T", help="Hub token for private repos (default: $HF_TOKEN, else `hf auth login`).")
+@click.option("--force", is_flag=True, help="Register even if --base's fingerprint differs from the published base.")
+@json_option
+@click.pass_context
+def pull(ctx, spec, name, base, token, force, as_json):
+    """Download a LoRA adapter repo into the registry as a new version.
+
+    The repo must hold a PEFT LoRA adapter (adapter_config.json and
+    adapter_model.safetensors). Every file is checked against the Hub's hashes
+    and, when the repo was published by `adapters push`, against adapterhub.json,
+    whose lineage, metrics and base fingerprint come along. Pulling the same
+    revision again makes no new version. Nothing is registered unless every
+    check passes.
+
+    \b
+    Examples:
+      adapters pull my-team/support-lora
+      adapters pull my-team/support-lora@v2 --name support --base ./llama
+    """
+    from ..hub.pull import pull as do_pull
+
+    _quiet_hf()
+    res = do_pull(spec, name=name, base=base, token=token, force=force, registry_home=ctx.obj.registry_home)
+    if as_json:
+        emit_json(res.to_dict())
+        return
+    rec = res.record
+    src = f"{res.repo_id}@{res.revision} (commit {res.commit_id[:12]})"
+    if res.is_new:
+        click.echo(f"pulled {src} -> {rec.ref}  rank {rec.rank}  base "
+                   f"{(rec.base_fingerprint or '-').split(':', 1)[-1][:12]}")
+    else:
+        click.echo(f"unchanged: {src} is already {rec.ref}; no new version made")
+    if res.parents_linked:
+        hint(f"lineage: parents {', '.join(res.parents_linked)}")
+    if res.parents_missing:
+        hint(f"lineage: parents not in this registry (kept in provenance): {', '.join(res.parents_missing)}")
+    if res.provenance is None:
+        hint("no adapterhub.json in the repo: lineage and base fingerprint unknown (give --base to record one)")
+    for w in res.warnings:
+        hint(f"warning: {w}")
+
+
+COMMANDS = [push, pull]

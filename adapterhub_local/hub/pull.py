@@ -1,0 +1,217 @@
+"""`adapters pull`: a LoRA adapter repo from the Hub into the registry as a new version.
+
+    model_info (is it a LoRA repo? which commit?) -> snapshot_download into a temp dir
+      -> verify hashes (Hub LFS oids, adapterhub.json) -> validate the adapter
+      -> [check shapes and fingerprint against --base] -> registry.register -> set_hub
+
+Every check runs before the registry is touched, so a failed pull leaves nothing
+behind. The registry stores content-addressed versions: pulling the same revision
+again registers the same bytes and makes no new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterHubError, AdapterNotFound, BaseMismatch, InvalidAdapter, ShapeMismatch
+from .common import check_online, client, endpoint, resolve_token, split_repo_spec
+from .errors import HubError, NotALoraRepo, hub_errors
+from .provenance import PROVENANCE_NAME, parse_provenance
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class PullResult:
+    repo_id: str
+    revision: str
+    commit_id: str
+    endpoint: str
+    record: object
+    is_new: bool
+    provenance: dict | None = None
+    parents_linked: list[str] = field(default_factory=list)
+    parents_missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        rec = self.record
+        return {
+            "repo_id": self.repo_id, "revision": self.revision, "commit_id": self.commit_id,
+            "endpoint": self.endpoint, "ref": getattr(rec, "ref", None), "name": getattr(rec, "name", None),
+            "version": getattr(rec, "version", None), "is_new": self.is_new,
+            "base_fingerprint": getattr(rec, "base_fingerprint", None),
+            "parents_linked": self.parents_linked, "parents_missing": self.parents_missing,
+            "has_provenance": self.provenance is not None, "warnings": self.warnings,
+        }
+
+
+def _not_lora_reason(names: set[str]) -> str | None:
+    if "adapter_config.json" not in names:
+        if "config.json" in names and any(n.endswith(".safetensors") or n.endswith(".bin") for n in names):
+            return "it holds a full model (config.json and weights), not an adapter"
+        return "no adapter_config.json in the repo"
+    if "adapter_model.safetensors" not in names:
+        if "adapter_model.bin" in names:
+            return "only a pickled adapter_model.bin (not loaded: unpickling can run code)"
+        return "no adapter_model.safetensors in the repo"
+    return None
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    h = hashlib.sha1(f"blob {len(data)}\0".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def _verify_download(folder: Path, siblings: dict, repo_id: str, commit: str) -> dict[str, str]:
+    """sha256 of each downloaded file, checked against what the Hub says it holds."""
+    from ..fingerprint import file_sha256
+
+    hashes = {}
+    for name in (*ADAPTER_FILES, PROVENANCE_NAME):
+        path = folder / name
+        if not path.is_file():
+            continue
+        digest = file_sha256(path)
+        hashes[name] = digest
+        sib = siblings.get(name)
+        if sib is None:
+            continue
+        if sib.lfs is not None and sib.lfs.sha256 != digest:
+            raise HubError(f"{repo_id}@{commit[:12]}: downloaded {name} has sha256 {digest[:16]}… but the Hub "
+                           f"lists {sib.lfs.sha256[:16]}…", "the download was corrupted; run the pull again")
+        if sib.lfs is None and sib.blob_id and _git_blob_sha1(path.read_bytes()) != sib.blob_id:
+            raise HubError(f"{repo_id}@{commit[:12]}: downloaded {name} does not match the Hub's blob id",
+                           "the download was corrupted; run the pull again")
+    return hashes
+
+
+def check_against_base(adapter, base_dir: Path) -> None:
+    """Every adapted module and modules_to_save tensor must exist in the base with the right shape."""
+    from ..fingerprint import model_files, read_header
+
+    shapes: dict[str, tuple] = {}
+    for f in model_files(base_dir):
+        tensors, _ = read_header(f)
+        shapes.update({name: tuple(t.shape) for name, t in tensors.items()})
+    for name, m in adapter.modules.items():
+        key = m.weight_key
+        if key not in shapes:
+            raise AdapterHubError(f"{base_dir}: the base has no weight {key} for adapted module {name}",
+                                  "this adapter was trained for a different base model")
+        if tuple(shapes[key]) != tuple(m.delta_shape):
+            raise ShapeMismatch(name, shapes[key], m.delta_shape, where=str(base_dir))
+    for key, t in adapter.extra.items():
+        if key in shapes and tuple(shapes[key]) != tuple(t.shape):
+            raise ShapeMismatch(key, shapes[key], tuple(t.shape), where=str(base_dir))
+
+
+def default_name(repo_id: str) -> str:
+    return repo_id.split("/", 1)[1]
+
+
+def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, token: str | None = None,
+         force: bool = False, registry_home=None) -> PullResult:
+    """Download REPO_ID[@REVISION] and register it; see the module docstring."""
+    from huggingface_hub import snapshot_download
+
+    from ..paths import registry_home as home
+    from ..peft_format import load_adapter
+
+    repo_id, revision = split_repo_spec(spec)
+    base_dir = Path(base).expanduser() if base is not None else None
+    if base_dir is not None and not base_dir.is_dir():
+        raise AdapterHubError(f"{base_dir}: --base must be a model folder")
+    check_online()
+    ep = endpoint()
+    tok = resolve_token(token)
+    api = client(tok)
+    authed = tok is not None
+    with hub_errors("repo lookup", repo_id, ep, authenticated=authed, revision=revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    commit = info.sha
+    siblings = {s.rfilename: s for s in (info.siblings or [])}
+    reason = _not_lora_reason(set(siblings))
+    if reason:
+        raise NotALoraRepo(repo_id, revision or "main", reason)
+
+    work = Path(tempfile.mkdtemp(prefix="adapters-pull-"))
+    try:
+        dl = work / "download"
+        with hub_errors("download", repo_id, ep, authenticated=authed):
+            snapshot_download(repo_id, revision=commit, local_dir=dl, endpoint=ep, token=tok,
+                              allow_patterns=[*ADAPTER_FILES, PROVENANCE_NAME], max_workers=2)
+        hashes = _verify_download(dl, siblings, repo_id, commit)
+
+        result_warnings: list[str] = []
+        prov = None
+        if (dl / PROVENANCE_NAME).is_file():
+            try:
+                prov = parse_provenance((dl / PROVENANCE_NAME).read_bytes(), f"{repo_id}/{PROVENANCE_NAME}")
+            except AdapterHubError as e:
+                result_warnings.append(f"ignored {PROVENANCE_NAME}: {e}")
+        if prov is not None:
+            for fname, digest in (prov.get("files") or {}).items():
+                if fname in hashes and hashes[fname] != digest:
+                    raise HubError(f"{repo_id}@{commit[:12]}: {fname} has sha256 {hashes[fname][:16]}… but "
+                                   f"{PROVENANCE_NAME} records {digest[:16]}…",
+                                   "the repo's files were changed after it was published with adapterhub-local")
+
+        folder = work / "adapter"
+        folder.mkdir()
+        for fname in ADAPTER_FILES:
+            shutil.copyfile(dl / fname, folder / fname)
+        try:
+            adapter = load_adapter(folder)
+        except InvalidAdapter as e:
+            raise NotALoraRepo(repo_id, revision or "main", e.problem) from None
+
+        prov_fp = ((prov or {}).get("base") or {}).get("fingerprint")
+        base_fp = prov_fp
+        if base_dir is not None:
+            from ..fingerprint import fingerprint_model
+
+            check_against_base(adapter, base_dir)
+            actual = fingerprint_model(base_dir, progress=True).fingerprint
+            if prov_fp and prov_fp != actual and not force:
+                raise BaseMismatch(prov_fp, actual)
+            if prov_fp and prov_fp != actual:
+                result_warnings.append(f"--force: registered against {actual}, not the published base {prov_fp}")
+            base_fp = actual
+
+        from ..registry import open_registry
+
+        reg = open_registry(home(registry_home))
+        lineage = (prov or {}).get("lineage") or {}
+        linked, missing = [], []
+        for parent in lineage.get("parents") or []:
+            try:
+                reg.resolve(parent)
+                linked.append(parent)
+            except AdapterNotFound:
+                missing.append(parent)
+        metrics = {k: float(v) for k, v in ((prov or {}).get("metrics") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        published = (prov or {}).get("registry") or {}
+        provenance = {
+            "source": "hub", "endpoint": ep, "repo_id": repo_id, "revision": revision or "main",
+            "commit_id": commit, "files": {k: v for k, v in hashes.items() if k in ADAPTER_FILES},
+            "published_as": published.get("ref"), "lineage": lineage, "adapterhub": prov,
+        }
+        kwargs = {"base_dir": base_dir} if base_dir is not None else {"base_fingerprint": base_fp}
+        rec = reg.register(folder, name or default_name(repo_id), metrics=metrics or None,
+                           note=f"pulled from {ep}/{repo_id}@{commit[:12]}", parents=tuple(linked),
+                           provenance=provenance, **kwargs)
+        from .push import record_hub
+
+        record_hub(registry_home, rec.ref, repo_id, revision or "main", commit)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PullResult(repo_id=repo_id, revision=revision or "main", commit_id=commit, endpoint=ep, record=rec,
+                      is_new=bool(getattr(rec, "is_new", True)), provenance=prov, parents_linked=linked,
+                      parents_missing=missing, warnings=result_warnings)

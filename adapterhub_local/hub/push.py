@@ -1,0 +1,210 @@
+"""`adapters push`: publish an adapter or a merged model with a card and provenance.
+
+    stage (files + README.md card + adapterhub.json) -> whoami -> create_repo(exist_ok)
+      -> [create_branch] -> upload_folder -> registry.set_hub
+
+The staged folder is exactly what gets uploaded; ``dry_run`` stops after staging and
+sends nothing. Uploads go through huggingface_hub's upload_folder: files the repo
+already holds (same sha256) are skipped, LFS objects already on the server are not
+sent again, so a push that failed half-way finishes when run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterHubError
+from .common import check_online, client, endpoint, resolve_token, validate_repo_id
+from .errors import NoToken, hub_errors
+from .provenance import PROVENANCE_NAME, build_provenance, dumps
+from .source import Source, hub_id_or_none, payload_files, recipe_inputs, resolve_source
+
+
+@dataclass
+class StagedFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    endpoint: str
+    kind: str
+    files: list[StagedFile] = field(default_factory=list)
+    dry_run: bool = False
+    staged_dir: str | None = None
+    revision: str | None = None
+    commit_id: str | None = None
+    commit_url: str | None = None
+    pr_url: str | None = None
+    url: str | None = None
+    private: bool | None = None
+    unchanged: bool = False
+    registry_ref: str | None = None
+    base_models: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return d
+
+
+def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not copy:
+        with contextlib.suppress(OSError):
+            os.link(src, dst)
+            return
+    shutil.copyfile(src, dst)
+
+
+def base_models_for(src: Source, explicit: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Hub ids for the card's base_model: given ones, else what the source records."""
+    if explicit:
+        return [validate_repo_id(b) for b in explicit]
+    out = []
+    b = hub_id_or_none(src.base_name)
+    if b:
+        out.append(b)
+    if not src.is_adapter:
+        # a merge of several Hub models lists them all
+        for item in recipe_inputs(src.recipe):
+            for key in ("hub_id", "repo_id", "ref"):
+                hid = hub_id_or_none(item.get(key)) if isinstance(item.get(key), str) else None
+                if hid and hid not in out and "@" not in hid:
+                    out.append(hid)
+                    break
+    return out
+
+
+def stage(src: Source, out: Path, repo_id: str, *, template=None, base_models: list[str] | None = None,
+          copy: bool = True) -> list[StagedFile]:
+    """Write the exact folder a push uploads into ``out`` (which must not exist yet)."""
+    from ..fingerprint import file_sha256
+    from ..fsutil import atomic_dir
+    from .card import build_card
+
+    base_models = base_models if base_models is not None else base_models_for(src)
+    prov = build_provenance(src, base_hub_id=base_models[0] if base_models else None)
+    card = build_card(src, prov, repo_id, base_models, template=template)
+    with atomic_dir(out) as tmp:
+        for path in payload_files(src.folder):
+            _link_or_copy(path, tmp / path.relative_to(src.folder), copy)
+        (tmp / "README.md").write_text(str(card), encoding="utf-8")
+        (tmp / PROVENANCE_NAME).write_text(dumps(prov), encoding="utf-8")
+    files = []
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(out).as_posix()
+            files.append(StagedFile(rel, path.stat().st_size, src.files.get(rel) or file_sha256(path)))
+    return files
+
+
+def _prepare_dry_run_dir(dry_run_dir) -> Path:
+    if dry_run_dir is None:
+        return Path(tempfile.mkdtemp(prefix="adapters-push-")) / "repo"
+    out = Path(dry_run_dir).expanduser()
+    if out.exists():
+        if not out.is_dir() or any(out.iterdir()):
+            raise AdapterHubError(f"{out}: already exists and is not empty", "give a new or empty --dry-run-dir")
+        out.rmdir()
+    return out
+
+
+def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
+         commit_message: str | None = None, token: str | None = None, dry_run: bool = False,
+         dry_run_dir: str | os.PathLike | None = None, card_template: str | os.PathLike | None = None,
+         base_model: list[str] | tuple[str, ...] = (), registry_home=None) -> PushResult:
+    """Publish REF_OR_DIR to REPO_ID; see the module docstring for the steps."""
+    validate_repo_id(repo_id)  # before any work or request
+    if create_pr and revision not in (None, "main"):
+        raise AdapterHubError("--create-pr opens a pull request against main", "drop --revision, or push to "
+                              "the branch directly without --create-pr")
+    if revision is not None and not revision.strip():
+        raise AdapterHubError("--revision is empty")
+    src = resolve_source(ref, registry_home)
+    bases = base_models_for(src, base_model)
+    ep = endpoint()
+    record = src.record
+    result = PushResult(repo_id=repo_id, endpoint=ep, kind=src.kind, dry_run=dry_run, private=private,
+                        revision=revision or "main", base_models=bases,
+                        registry_ref=getattr(record, "ref", None) if record is not None else None)
+
+    if dry_run:
+        out = _prepare_dry_run_dir(dry_run_dir)
+        result.files = stage(src, out, repo_id, template=card_template, base_models=bases, copy=True)
+        result.staged_dir = str(out)
+        return result
+
+    check_online()
+    tok = resolve_token(token)
+    if not tok:
+        raise NoToken(ep)
+    work = Path(tempfile.mkdtemp(prefix="adapters-push-"))
+    try:
+        staged = work / "repo"
+        result.files = stage(src, staged, repo_id, template=card_template, base_models=bases, copy=False)
+        result.commit_id, result.commit_url, result.pr_url, result.unchanged, result.url = _upload(
+            staged, repo_id, ep, tok, private=private, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or _default_message(src),
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if result.pr_url:
+        result.revision = f"refs/pr/{result.pr_url.rstrip('/').rsplit('/', 1)[-1]}"
+    if record is not None:
+        record_hub(registry_home, record.ref, repo_id, result.revision, result.commit_id)
+    return result
+
+
+def record_hub(registry_home, ref: str, repo_id: str, revision: str, commit_id: str):
+    """registry.set_hub, once per (repo, revision, commit): a re-run adds no duplicate row."""
+    from ..paths import registry_home as home
+    from ..registry import open_registry
+
+    reg = open_registry(home(registry_home))
+    rec = reg.resolve(ref)
+    for h in rec.hub or []:
+        # a pull by commit id names the same publication as the branch it was pushed to
+        if (h.get("repo_id"), h.get("commit_id")) == (repo_id, commit_id) and \
+                revision in (h.get("revision") or "main", commit_id):
+            return rec
+    return reg.set_hub(rec.ref, repo_id, revision, commit_id)
+
+
+def _default_message(src: Source) -> str:
+    what = getattr(src.record, "ref", None) or Path(src.ref).name or src.ref
+    return f"Upload {'adapter' if src.is_adapter else 'merged model'} {what} with adapterhub-local"
+
+
+def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, revision: str | None,
+            create_pr: bool, commit_message: str):
+    api = client(token)
+    with hub_errors("authentication", repo_id, ep):
+        user = api.whoami().get("name")
+    with hub_errors("repo creation", repo_id, ep, user=user):
+        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+    rev = revision or "main"
+    if rev != "main" and not create_pr:
+        with hub_errors("branch creation", repo_id, ep, user=user):
+            api.create_branch(repo_id, branch=rev, exist_ok=True)
+    with hub_errors("reading the current head", repo_id, ep, user=user, revision=rev):
+        before = api.repo_info(repo_id, revision="main" if create_pr else rev).sha
+    with hub_errors("upload", repo_id, ep, user=user, resumable=True, revision=rev):
+        info = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=commit_message,
+                                 revision=None if create_pr else rev, create_pr=create_pr or None)
+    unchanged = info.oid == before and not info.pr_url
+    if rev != "main" and not create_pr:
+        url = f"{url}/tree/{rev}"
+    return info.oid, info.commit_url, info.pr_url, unchanged, url

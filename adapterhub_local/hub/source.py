@@ -1,0 +1,210 @@
+"""What is being pushed: a PEFT adapter (folder or registry ref) or a merged model folder.
+
+``resolve_source`` looks at REF_OR_DIR once and gathers everything the card and the
+provenance file need: the kind, the folder, the registry record, the merge recipe,
+per-file sha256 and the base model's identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterHubError, InvalidModel
+
+RECIPE_NAMES = ("recipe.yaml", "recipe.yml")
+# Files a push never carries: our own outputs are regenerated, caches and temp files are noise.
+SKIP_NAMES = {"README.md", "adapterhub.json", ".gitattributes"}
+SKIP_PREFIXES = (".",)
+
+
+@dataclass
+class Source:
+    kind: str  # "adapter" | "merged"
+    folder: Path
+    ref: str  # what the user typed
+    record: object | None = None  # registry VersionRecord for registry refs
+    recipe: dict | None = None
+    recipe_text: str | None = None
+    config: dict = field(default_factory=dict)  # adapter_config.json or config.json
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)
+    base_fingerprint: str | None = None
+    base_name: str | None = None  # base model path or Hub id as recorded
+    model_fingerprint: str | None = None  # merged models: the fingerprint of the published weights
+    adapter_summary: dict | None = None
+    existing_readme: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind == "adapter"
+
+
+def payload_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` a push uploads (recursively), in a stable order."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(SKIP_PREFIXES) and d != "__pycache__")
+        for name in sorted(files):
+            rel = Path(root, name).relative_to(folder)
+            if rel.as_posix() in SKIP_NAMES or name.startswith(SKIP_PREFIXES) or name.endswith((".tmp", ".partial")):
+                continue
+            out.append(Path(root, name))
+    return out
+
+
+def _hash_files(folder: Path, known: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, int]]:
+    from ..fingerprint import file_sha256
+
+    hashes, sizes = {}, {}
+    for path in payload_files(folder):
+        rel = path.relative_to(folder).as_posix()
+        sizes[rel] = path.stat().st_size
+        hashes[rel] = (known or {}).get(rel) or file_sha256(path)
+    return hashes, sizes
+
+
+def _read_recipe(folder: Path) -> tuple[dict | None, str | None]:
+    import yaml
+
+    for name in RECIPE_NAMES:
+        path = folder / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise AdapterHubError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if data is not None and not isinstance(data, dict):
+                raise AdapterHubError(f"{path}: expected a YAML mapping")
+            return data or {}, text
+    return None, None
+
+
+def _looks_like_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidModel(path, f"not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def recipe_base(recipe: dict | None) -> tuple[str | None, str | None]:
+    """(base name or path, base fingerprint) from a merge recipe, whatever its exact layout."""
+    if not recipe:
+        return None, None
+    base = recipe.get("base") or recipe.get("base_model")
+    fp = recipe.get("base_fingerprint")
+    name = None
+    if isinstance(base, dict):
+        name = base.get("hub_id") or base.get("name") or base.get("path") or base.get("name_or_path")
+        fp = fp or base.get("fingerprint")
+    elif isinstance(base, str):
+        name = base
+    prov = recipe.get("provenance") if isinstance(recipe.get("provenance"), dict) else {}
+    fp = fp or prov.get("base_fingerprint")
+    return (str(name) if name else None), (str(fp) if fp else None)
+
+
+def recipe_inputs(recipe: dict | None) -> list[dict]:
+    """The merge inputs as [{ref, weight, version, sha256, path}] from whichever keys the recipe uses."""
+    if not recipe:
+        return []
+    raw = recipe.get("inputs") or recipe.get("adapters") or recipe.get("models") or []
+    weights = recipe.get("weights") or []
+    out = []
+    for i, item in enumerate(raw if isinstance(raw, list) else []):
+        if isinstance(item, str):
+            d = {"ref": item}
+        elif isinstance(item, dict):
+            d = dict(item)
+            d.setdefault("ref", d.get("name") or d.get("adapter") or d.get("path"))
+        else:
+            continue
+        if "weight" not in d and i < len(weights):
+            d["weight"] = weights[i]
+        out.append(d)
+    return out
+
+
+def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True) -> Source:
+    """Find what REF_OR_DIR names and gather its facts (validating it on the way)."""
+    from ..peft_format import adapter_summary, load_adapter
+    from ..refs import looks_like_path, resolve_adapter
+
+    path = Path(ref).expanduser()
+    record = None
+    if not path.exists():
+        if looks_like_path(ref):
+            raise AdapterHubError(f"{ref}: no such file or directory")
+        path, record = resolve_adapter(ref, registry_home)
+    if not path.is_dir():
+        raise AdapterHubError(f"{ref}: not a directory", "give an adapter folder, a merged model folder, "
+                              "or a registry reference")
+
+    recipe, recipe_text = _read_recipe(path)
+    readme = path / "README.md"
+    existing_readme = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
+
+    if _looks_like_adapter(path):
+        adapter = load_adapter(path)  # validates config and tensors; raises InvalidAdapter
+        known = dict(getattr(record, "files", None) or {}) if record is not None else {}
+        files, sizes = _hash_files(path, known)
+        src = Source(kind="adapter", folder=path, ref=ref, record=record, recipe=recipe,
+                     recipe_text=recipe_text, config=dict(adapter.config), files=files, sizes=sizes,
+                     adapter_summary=adapter_summary(adapter), existing_readme=existing_readme)
+        src.base_name = adapter.base_model
+        if record is not None:
+            src.base_fingerprint = getattr(record, "base_fingerprint", None)
+            prov = getattr(record, "provenance", None) or {}
+            if src.recipe is None and isinstance(prov.get("recipe"), dict):
+                src.recipe = prov["recipe"]
+        if not src.base_fingerprint:
+            src.base_fingerprint = recipe_base(src.recipe)[1]
+        return src
+
+    if (path / "config.json").is_file():
+        from ..fingerprint import fingerprint_model, model_files
+
+        model_files(path)  # raises InvalidModel when there are no safetensors weights
+        config = _load_json(path / "config.json")
+        known = {}
+        model_fp = None
+        if fingerprint_merged:
+            fp = fingerprint_model(path, progress=True)
+            model_fp = fp.fingerprint
+            known = dict(fp.files)
+        files, sizes = _hash_files(path, known)
+        base_name, base_fp = recipe_base(recipe)
+        if not base_name:
+            base_name = config.get("_name_or_path") or None
+        return Source(kind="merged", folder=path, ref=ref, record=record, recipe=recipe,
+                      recipe_text=recipe_text, config=config, files=files, sizes=sizes,
+                      base_fingerprint=base_fp, base_name=base_name, model_fingerprint=model_fp,
+                      existing_readme=existing_readme)
+
+    raise AdapterHubError(
+        f"{path}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)",
+        "push an adapter folder, a merge output folder, or a registry reference",
+    )
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """``name`` when it is a Hub repo id (not a local path), else None."""
+    if not name or not isinstance(name, str):
+        return None
+    if name.startswith((".", "/", "~")) or "\\" in name or Path(name).exists():
+        return None
+    from .common import validate_repo_id
+    from .errors import InvalidRepoId
+
+    try:
+        return validate_repo_id(name)
+    except InvalidRepoId:
+        return None
