@@ -62,18 +62,36 @@ def content_hash(manifest: dict[str, tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
-def adapter_files(folder: Path) -> dict[str, Path]:
-    """Files that make up a version: every regular file, recursively, except hidden
-    ones and the provenance file `export` writes (it describes, it is not the adapter)."""
+# Training leftovers that sit beside adapters (HF Trainer checkpoints) and pickles we never
+# load: not part of a version. Subfolders (checkpoint-500/, runs/) are not either.
+SKIP_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state.*\.pth|training_args\.bin|"
+                        r"adapter_model\.bin|trainer_state\.json)$")
+
+
+def adapter_files(folder: Path, skipped: list | None = None) -> dict[str, Path]:
+    """Files that make up a version: the folder's regular, non-hidden top-level files,
+    minus training leftovers and the provenance file `export` writes (it describes the
+    version, it is not part of it). Names left out are appended to ``skipped``."""
     out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name == PROVENANCE_NAME:
             continue
-        if rel.as_posix() == PROVENANCE_NAME or "__pycache__" in rel.parts:
+        if not p.is_file() or SKIP_FILES.match(p.name):
+            if skipped is not None:
+                skipped.append(p.name + ("/" if p.is_dir() else ""))
             continue
-        out[rel.as_posix()] = p
+        out[p.name] = p
     return out
+
+
+class NotRegistered(AdapterNotFound):
+    """A folder given as REF whose exact bytes are no version in this registry."""
+
+    def __init__(self, path):
+        self.ref = str(path)
+        self.close = []
+        AdapterHubError.__init__(self, f"{path}: these exact files are not a registered version",
+                                 "register it with `adapters register DIR --name NAME`")
 
 
 def _dict_rows(cursor, row):
@@ -209,7 +227,7 @@ class Registry:
                 found = self.find_by_content(path)
                 if found:
                     return found[-1]
-                raise AdapterNotFound(ref, [])
+                raise NotRegistered(path)
             raise AdapterNotFound(ref, self._close_names(ref.split("@")[0].split(":")[0]))
         name, version, alias = m.group("name"), m.group("version"), m.group("alias")
         if alias and alias != "latest":
@@ -294,8 +312,13 @@ class Registry:
         """Versions matching every filter; newest first unless ``sort`` says otherwise.
 
         ``where``: conditions like ``"eval_loss<1.2"`` (also ``rank``, ``alpha``, ``size``,
-        ``version``); ``sort``: a metric or column, ``-key`` for descending.
+        ``version``); ``sort``: a metric or column, ``-key`` for descending; ``base``: a
+        fingerprint (or its prefix), a base model's name or path, or a model folder.
         """
+        if base and Path(base).expanduser().is_dir():
+            from ..fingerprint import fingerprint_model
+
+            base = fingerprint_model(Path(base).expanduser(), progress=True).fingerprint
         sql, params = build_list_query(name=name, base=base, alias=alias, where=where, sort=sort,
                                        descending=descending, limit=limit, latest_only=latest_only)
         ids = [r["id"] for r in self._q(sql, params)]
@@ -335,4 +358,4 @@ def open_registry(home: str | os.PathLike | None = None) -> Registry:
 
 
 __all__ = ["Registry", "VersionRecord", "open_registry", "BlobCorrupt", "PROVENANCE_NAME",
-           "check_name", "normalize_fingerprint", "content_hash", "adapter_files", "now"]
+           "check_name", "normalize_fingerprint", "content_hash", "adapter_files", "now", "NotRegistered"]

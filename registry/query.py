@@ -153,9 +153,9 @@ def build_list_query(*, name: str | None = None, base: str | None = None, alias:
         clauses.append(
             "(v.base_fingerprint = ? OR v.base_fingerprint GLOB ? OR v.base_fingerprint IN "
             "(SELECT fingerprint FROM base_models WHERE name_or_path = ? OR source = ? "
-            "OR name_or_path GLOB ?))")
+            "OR name_or_path GLOB ? OR name_or_path GLOB ? OR source GLOB ?))")
         prefix = base if base.startswith("sha256:") else "sha256:" + base
-        params += [base, prefix + "*", base, base, base]
+        params += [base, prefix + "*", base, base, base, "*/" + base, "*/" + base]
     if alias:
         # few versions carry a given alias: drive the query from the aliases index
         clauses.append("v.id IN (SELECT a.version_id FROM aliases a WHERE a.alias = ?)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -52,10 +53,22 @@ def loads(value, default):
         return default
 
 
+def _clean(value):
+    """JSON-safe: NaN/inf become null (SQLite's JSON functions reject them), tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_clean(v) for v in value]
+    return value
+
+
 def dumps(value) -> str | None:
+    """JSON for a TEXT column; anything not JSON-native (paths, dtypes) is stored as its str()."""
     if value is None:
         return None
-    return json.dumps(value, sort_keys=True, allow_nan=False)
+    return json.dumps(_clean(value), sort_keys=True, allow_nan=False, default=str)
 
 
 def record_from_row(row: dict, files: list[dict] | None = None) -> VersionRecord:

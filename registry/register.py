@@ -123,8 +123,11 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
     cfg = adapter.config
     base_fp, base_row = self._base_info(base_dir, base_fingerprint, adapter, str(folder), progress)
     parent_entries = [_parent_entry(self, p) for p in parents]
-    files = adapter_files(folder)
+    skipped: list[str] = []
+    files = adapter_files(folder, skipped)
     provenance = dict(provenance or {})
+    if skipped:
+        provenance.setdefault("skipped_files", skipped)
     if (folder / PROVENANCE_NAME).is_file() and "exported" not in provenance:
         try:
             provenance["exported"] = json.loads((folder / PROVENANCE_NAME).read_text())

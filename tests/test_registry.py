@@ -400,3 +400,40 @@ def test_resolve_registered_path(reg, tmp_path):
     assert reg.resolve(str(a)).ref == "a@1"
     with pytest.raises(AdapterNotFound):
         reg.resolve(str(make_adapter(tmp_path / "b", seed=9)))
+
+
+def test_only_adapter_files_are_stored(reg, tmp_path):
+    a = make_adapter(tmp_path / "a")
+    (a / "README.md").write_text("# card\n")
+    (a / "optimizer.pt").write_bytes(b"\0" * 100)
+    (a / "checkpoint-500").mkdir()
+    (a / "checkpoint-500" / "big.bin").write_bytes(b"\0" * 100)
+    (a / ".DS_Store").write_bytes(b"x")
+    rec = reg.register(a, "a", provenance={"recipe": {"loss": float("nan"), "path": tmp_path, "t": (1, 2)}})
+    assert sorted(rec.files) == ["README.md", "adapter_config.json", WEIGHTS_NAME]
+    assert sorted(rec.provenance["skipped_files"]) == ["checkpoint-500/", "optimizer.pt"]
+    assert rec.provenance["recipe"] == {"loss": None, "path": str(tmp_path), "t": [1, 2]}
+    from adapterhub_local.registry.core import NotRegistered
+
+    (a / "README.md").write_text("# changed\n")
+    with pytest.raises(NotRegistered, match="not a registered version"):
+        reg.resolve(str(a))
+
+
+def test_list_by_base_folder_and_short_fingerprint(reg, tmp_path, llama_dir):
+    rec = reg.register(make_adapter(tmp_path / "a"), "a", base_dir=llama_dir)
+    reg.register(make_adapter(tmp_path / "b", seed=2), "b", base_fingerprint="cd" * 32)
+    for base in (str(llama_dir), rec.base_fingerprint.split(":")[1][:12], Path(llama_dir).name):
+        assert [r.ref for r in reg.list(base=base)] == ["a@1"], base
+    assert [r.ref for r in reg.list(base="cdcdcd")] == ["b@1"]
+
+
+def test_resolve_adapter_helper_uses_registry(reg, tmp_path):
+    from adapterhub_local.refs import resolve_adapter
+
+    a = make_adapter(tmp_path / "a")
+    rec = reg.register(a, "a", aliases=["prod"])
+    folder, got = resolve_adapter("a:prod", reg.home)
+    assert got.ref == rec.ref and (folder / WEIGHTS_NAME).read_bytes() == (a / WEIGHTS_NAME).read_bytes()
+    folder, got = resolve_adapter(str(a), reg.home)
+    assert folder == a and got is None
