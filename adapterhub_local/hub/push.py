@@ -11,7 +11,6 @@ sent again, so a push that failed half-way finishes when run again.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -61,12 +60,16 @@ class PushResult:
 
 
 def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
+    """A dry run gets real copies; an upload's staging dir only needs to point at the bytes
+    (a hard link, else a symlink: upload_folder follows them), so a 10 GB model is not copied."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if not copy:
-        with contextlib.suppress(OSError):
-            os.link(src, dst)
-            return
-    shutil.copyfile(src, dst)
+    if copy:
+        shutil.copyfile(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        os.symlink(src.resolve(), dst)
 
 
 def base_models_for(src: Source, explicit: list[str] | tuple[str, ...] = ()) -> list[str]:
