@@ -20,8 +20,10 @@ This module must not import transformers (6-8 s of start-up for nothing).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -182,20 +184,46 @@ def _stack(deltas: list[tuple[LoraModule, float]], transposed: bool):
 
 
 class _Buffers:
-    """Buffers allocated once, at the largest row block any tensor needs, and reused."""
+    """Buffers allocated once (at the largest row block any tensor needs) and reused, two of
+    each so reading, arithmetic, hashing and writing overlap; a buffer is reused only after the
+    hash and write threads are done with it. Writes go through one writer thread, in order."""
 
     def __init__(self, max_raw: int, max_block: int, max_out: int):
         self.raw = [torch.empty(max(max_raw, 1), dtype=torch.uint8) for _ in range(2)]
         self.raw_views = [memoryview(r.numpy()) for r in self.raw]
-        self.raw_futs: list = [None, None]  # pending hash of each raw buffer
-        self.f32 = torch.empty(max(max_block, 1), dtype=torch.float32)
-        self.out = torch.empty(max(max_out, 1), dtype=torch.uint8)
+        self.f32 = [torch.empty(max(max_block, 1), dtype=torch.float32) for _ in range(2)]
+        self.out = [torch.empty(max(max_out, 1), dtype=torch.uint8) for _ in range(2)]
         self.chunks = [bytearray(CHUNK), bytearray(CHUNK)]
-        self.chunk_futs: list = [None, None]
+        self.pending: dict[str, list[list]] = {"raw": [[], []], "blk": [[], []], "chunk": [[], []]}
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
 
-    def wait(self) -> None:
-        for f in self.raw_futs + self.chunk_futs:
-            _wait(f)
+    def claim(self, kind: str, k: int) -> None:
+        for f in self.pending[kind][k]:
+            f.result()
+        self.pending[kind][k] = []
+
+    def hold(self, kind: str, k: int, fut) -> None:
+        if fut is not None:
+            self.pending[kind][k].append(fut)
+
+    def write(self, fh, data):
+        return self.writer.submit(write_chunked, fh, data)
+
+    def drain(self, quiet: bool = False) -> None:
+        """Wait for every pending hash and write (before a file is closed)."""
+        for kind in self.pending:
+            for k in (0, 1):
+                try:
+                    self.claim(kind, k)
+                except Exception:
+                    if not quiet:
+                        raise
+                    self.pending[kind][k] = []
+        fut = self.writer.submit(lambda: None)
+        fut.result()
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True, cancel_futures=True)
 
 
 def _block_rows(shape) -> tuple[int, int, int]:
@@ -283,6 +311,11 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
             if t.dtype != "F32":
                 max_out = max(max_out, block * row * ITEMSIZE[t.dtype])
     bufs = _Buffers(max_raw, max_block, max_out)
+    # Element-wise passes are memory-bound: one thread does them as fast as two, and on a
+    # busy machine OpenMP's barrier makes two threads several times slower. Products of a
+    # large stacked rank (many adapters) are compute-bound and get every core.
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     reader = reader or Reader()
     hasher = _Hasher(enabled=found is None)
     stats = {"tensors": len(out_tensors), "modified": 0, "copied": 0, "bytes_written": 0}
@@ -294,20 +327,24 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for shard, fname in zip(shards, names):
                 with open(tmp / fname, "wb") as fh:
-                    write_chunked(fh, shard_header(shard))
-                    for t in shard:
-                        is_base = not t.meta.get("virtual")
-                        e = edits.get(t.name)
-                        if e is None and t.dtype == t.source.dtype:
-                            _copy(t, reader, hasher if is_base else None, fh, bufs.chunks, bufs.chunk_futs)
-                            stats["copied"] += 1
-                        else:
-                            _compute(t, e, reader, hasher if is_base else None, fh, bufs, report, notify)
-                            stats["modified"] += 1
-                        stats["bytes_written"] += t.nbytes
-                        if pbar is not None:
-                            pbar.update(1)
-            bufs.wait()
+                    try:
+                        bufs.write(fh, shard_header(shard))
+                        for t in shard:
+                            is_base = not t.meta.get("virtual")
+                            e = edits.get(t.name)
+                            if e is None and t.dtype == t.source.dtype:
+                                _copy(t, reader, hasher if is_base else None, fh, bufs)
+                                stats["copied"] += 1
+                            else:
+                                _compute(t, e, reader, hasher if is_base else None, fh, bufs, report, notify)
+                                stats["modified"] += 1
+                            stats["bytes_written"] += t.nbytes
+                            if pbar is not None:
+                                pbar.update(1)
+                    except BaseException:
+                        bufs.drain(quiet=True)  # no thread may touch fh once it is closed
+                        raise
+                    bufs.drain()
             reader.close()
             digests = hasher.close()
             fp_source = "cache"
@@ -348,6 +385,8 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     finally:
         if pbar is not None:
             pbar.close()
+        bufs.close()
+        torch.set_num_threads(saved_threads)
         reader.close()
         if hasher.pool is not None:
             hasher.pool.shutdown(wait=True)
@@ -385,7 +424,7 @@ def _store(base_dir: Path, found: str, digests: dict, infos, config: dict) -> No
     store_fingerprint(base_dir, fp)
 
 
-def _copy(t: OutTensor, reader: Reader, hasher: _Hasher | None, fh, chunks, futs) -> None:
+def _copy(t: OutTensor, reader: Reader, hasher: _Hasher | None, fh, bufs: _Buffers) -> None:
     info = t.source
     reader.begin(info)
     h = hasher.start(info) if hasher else None
@@ -394,11 +433,12 @@ def _copy(t: OutTensor, reader: Reader, hasher: _Hasher | None, fh, chunks, futs
     k = 0
     while pos < size:
         n = min(CHUNK, size - pos)
-        _wait(futs[k])  # the hash thread may still read this buffer
-        view = memoryview(chunks[k])[:n]
+        bufs.claim("chunk", k)  # the hash and write threads may still read this buffer
+        view = memoryview(bufs.chunks[k])[:n]
         reader.read_into(info, view, pos)
-        futs[k] = hasher.update(h, view) if hasher else None
-        fh.write(view)
+        if hasher:
+            bufs.hold("chunk", k, hasher.update(h, view))
+        bufs.hold("chunk", k, bufs.write(fh, view))
         pos += n
         k ^= 1
     if hasher:
@@ -420,7 +460,7 @@ def _replacement(t: OutTensor, e: _Edit, reader: Reader, bufs: _Buffers, report:
         same = True
         for r0 in range(0, rows, block):
             r1 = min(rows, r0 + block)
-            _wait(bufs.raw_futs[0])
+            bufs.claim("raw", 0)
             nbytes = (r1 - r0) * row * item
             reader.read_into(info, bufs.raw_views[0][:nbytes], r0 * row * item)
             src = bufs.raw[0][:nbytes].view(ST_TO_TORCH[info.dtype]).view(r1 - r0, row)
@@ -471,34 +511,53 @@ def _compute(t: OutTensor, e: _Edit | None, reader: Reader, hasher: _Hasher | No
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         n = (r1 - r0) * row
-        _wait(bufs.raw_futs[k])  # the hash thread may still read this buffer
+        bufs.claim("raw", k)  # the hash thread may still read this buffer
+        bufs.claim("blk", k)  # the writer may still read this block
         view = bufs.raw_views[k][: n * src_item]
         reader.read_into(info, view, r0 * row * src_item)
-        bufs.raw_futs[k] = hasher.update(h, view) if hasher else None
-        blk = bufs.f32[:n].view(r1 - r0, row)
+        if hasher:
+            bufs.hold("raw", k, hasher.update(h, view))
+        blk = bufs.f32[k][:n].view(r1 - r0, row)
         blk.copy_(replacement[r0:r1] if replacement is not None
                   else bufs.raw[k][: n * src_item].view(src_t).view(r1 - r0, row))
         if plain is not None:
             a, b, alpha = plain
-            blk.addmm_(b[r0:r1], a, alpha=alpha)  # rows of W are output features
+            with _threads(a.shape[0]):
+                blk.addmm_(b[r0:r1], a, alpha=alpha)  # rows of W are output features
         if trans is not None:
             a, b, alpha = trans
-            blk.addmm_(a[:, r0:r1].T, b.T, alpha=alpha)  # W stored (in, out): rows are input features
+            with _threads(a.shape[0]):
+                blk.addmm_(a[:, r0:r1].T, b.T, alpha=alpha)  # W stored (in, out): rows are input features
         if bias is not None:
             blk.add_(bias[r0:r1])
         if out_t == torch.float32:
             data = blk
         else:
-            data = bufs.out[: n * out_item].view(out_t).view(r1 - r0, row)
+            data = bufs.out[k][: n * out_item].view(out_t).view(r1 - r0, row)
             data.copy_(blk)  # the one cast
             if out_t == torch.float16 and not bool(torch.isfinite(data).all()):
                 raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
                                       "use --dtype bfloat16 or float32, or smaller weights")
-        write_chunked(fh, data.reshape(-1).view(torch.uint8).numpy())
+        bufs.hold("blk", k, bufs.write(fh, data.reshape(-1).view(torch.uint8).numpy()))
         k ^= 1
     if hasher:
         hasher.finish(info.name, h)
     reader.end(info)
+
+
+MATMUL_THREADS_MIN_RANK = 64  # below this stacked rank a product is memory-bound: one thread
+
+
+@contextlib.contextmanager
+def _threads(rank: int):
+    if rank < MATMUL_THREADS_MIN_RANK or (os.cpu_count() or 1) == 1:
+        yield
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def _norm(m: LoraModule) -> float:
