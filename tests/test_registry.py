@@ -373,8 +373,11 @@ def test_not_sqlite_and_newer_schema_refused(tmp_path):
                      "VALUES ('adapterhub-local', 'm999_future', 'x')")
     reg.conn.commit()
     reg.close()
+    db = tmp_path / "h2" / "registry.db"
+    before = db.read_bytes()
     with pytest.raises(RegistryError, match="newer"):
         open_registry(tmp_path / "h2")
+    assert db.read_bytes() == before
 
 
 def test_migrations_are_numbered_and_recorded(reg):
