@@ -224,6 +224,16 @@ def test_push_branch_and_pull_request(hub_env, adapter_dir):
     assert hub_env.head("alice/branchy") == main_head
 
 
+def test_push_of_a_registered_folder_is_recorded_on_its_version(hub_env, base_dir, adapter_dir):
+    rec = register(adapter_dir, "support", base_dir)
+    res = json.loads(ok("push", str(adapter_dir), "alice/by-path", "--json"))
+    assert res["registry_ref"] == rec.ref
+    shown = json.loads(ok("show", rec.ref, "--json"))
+    assert [(h["repo_id"], h["commit_id"]) for h in shown["hub"]] == [("alice/by-path", res["commit_id"])]
+    prov = json.loads(hub_env.files("alice/by-path")["adapterhub.json"])
+    assert prov["registry"]["ref"] == rec.ref and prov["base"]["fingerprint"] == rec.base_fingerprint
+
+
 def _template(folder: Path) -> Path:
     path = folder / "card_template.md"
     path.write_text("---\nlicense: apache-2.0\n---\n# Team template for {{ model_name }}\n\n{{ files }}\n")

@@ -133,6 +133,20 @@ def recipe_inputs(recipe: dict | None) -> list[dict]:
     return out
 
 
+def registered_version(folder: Path, registry_home=None):
+    """The newest registry version holding exactly these bytes, so pushing a folder that was
+    registered is recorded on its version too. Never creates a registry."""
+    from ..paths import registry_home as home
+
+    h = home(registry_home)
+    if not (h / "registry.db").is_file():
+        return None
+    from ..registry import open_registry
+
+    found = open_registry(h).find_by_content(folder)
+    return found[-1] if found else None
+
+
 def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True) -> Source:
     """Find what REF_OR_DIR names and gather its facts (validating it on the way)."""
     from ..peft_format import adapter_summary, load_adapter
@@ -154,6 +168,8 @@ def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True
 
     if _looks_like_adapter(path):
         adapter = load_adapter(path)  # validates config and tensors; raises InvalidAdapter
+        if record is None:
+            record = registered_version(path, registry_home)
         known = dict(getattr(record, "files", None) or {}) if record is not None else {}
         files, sizes = _hash_files(path, known)
         src = Source(kind="adapter", folder=path, ref=ref, record=record, recipe=recipe,
