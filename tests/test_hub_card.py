@@ -99,6 +99,19 @@ def test_bad_template_is_one_line(adapter, tmp_path, capsys):
                                                           "--card", str(tmp_path / "missing.md"))
 
 
+def test_training_leftovers_are_not_published(adapter, tmp_path):
+    folder = tmp_path / "trained"
+    shutil.copytree(adapter, folder)
+    for junk in ("optimizer.pt", "trainer_state.json", "rng_state_0.pth", ".hidden", "adapter_model.bin"):
+        (folder / junk).write_bytes(b"x")
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"x")
+    (folder / "tokenizer.json").write_text("{}")
+    res = dry_run(str(folder), "me/trained")
+    assert sorted(f["path"] for f in res["files"]) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "tokenizer.json"]
+
+
 def test_staging_is_deterministic(adapter, tmp_path):
     a = dry_run(str(adapter), "me/legal", "--dry-run-dir", str(tmp_path / "a"))
     b = dry_run(str(adapter), "me/legal", "--dry-run-dir", str(tmp_path / "b"))

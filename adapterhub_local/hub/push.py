@@ -102,7 +102,7 @@ def stage(src: Source, out: Path, repo_id: str, *, template=None, base_models: l
     prov = build_provenance(src, base_hub_id=base_models[0] if base_models else None)
     card = build_card(src, prov, repo_id, base_models, template=template)
     with atomic_dir(out) as tmp:
-        for path in payload_files(src.folder):
+        for path in payload_files(src.folder, recursive=not src.is_adapter):
             _link_or_copy(path, tmp / path.relative_to(src.folder), copy)
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
         (tmp / PROVENANCE_NAME).write_text(dumps(prov), encoding="utf-8")

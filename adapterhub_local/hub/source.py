@@ -42,24 +42,35 @@ class Source:
         return self.kind == "adapter"
 
 
-def payload_files(folder: Path) -> list[Path]:
-    """The files of ``folder`` a push uploads (recursively), in a stable order."""
+# Trainer leftovers that never belong in a published repo (and pickles we refuse to ship).
+LEFTOVERS = ("optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "adapter_model.bin")
+
+
+def _skip(name: str) -> bool:
+    return (name in SKIP_NAMES or name in LEFTOVERS or name.startswith(SKIP_PREFIXES)
+            or name.endswith((".tmp", ".partial")) or (name.startswith("rng_state") and name.endswith(".pth")))
+
+
+def payload_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """The files of ``folder`` a push uploads, in a stable order. Adapters are their
+    top-level files (checkpoint-*/ subfolders are training state); model folders may nest."""
+    if not recursive:
+        return [p for p in sorted(folder.iterdir()) if p.is_file() and not _skip(p.name)]
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(SKIP_PREFIXES) and d != "__pycache__")
         for name in sorted(files):
-            rel = Path(root, name).relative_to(folder)
-            if rel.as_posix() in SKIP_NAMES or name.startswith(SKIP_PREFIXES) or name.endswith((".tmp", ".partial")):
-                continue
-            out.append(Path(root, name))
+            if not _skip(name) and Path(root, name).relative_to(folder).as_posix() not in SKIP_NAMES:
+                out.append(Path(root, name))
     return out
 
 
-def _hash_files(folder: Path, known: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, int]]:
+def _hash_files(folder: Path, known: dict[str, str] | None = None,
+                recursive: bool = True) -> tuple[dict[str, str], dict[str, int]]:
     from ..fingerprint import file_sha256
 
     hashes, sizes = {}, {}
-    for path in payload_files(folder):
+    for path in payload_files(folder, recursive):
         rel = path.relative_to(folder).as_posix()
         sizes[rel] = path.stat().st_size
         hashes[rel] = (known or {}).get(rel) or file_sha256(path)
@@ -171,7 +182,7 @@ def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True
         if record is None:
             record = registered_version(path, registry_home)
         known = dict(getattr(record, "files", None) or {}) if record is not None else {}
-        files, sizes = _hash_files(path, known)
+        files, sizes = _hash_files(path, known, recursive=False)
         src = Source(kind="adapter", folder=path, ref=ref, record=record, recipe=recipe,
                      recipe_text=recipe_text, config=dict(adapter.config), files=files, sizes=sizes,
                      adapter_summary=adapter_summary(adapter), existing_readme=existing_readme)
