@@ -138,10 +138,14 @@ def test_push_merged_model_lfs_roundtrip(hub_env, base_dir, adapter_dir, tmp_pat
     from huggingface_hub import ModelCard
 
     from adapterhub_local.fingerprint import fingerprint_model
+    from adapterhub_local.merge import merge_into_base, resolve_inputs
 
     base_fp = fingerprint_model(base_dir).fingerprint
     rec = register(adapter_dir, "support", base_dir)
-    merged = make_merged(base_dir, tmp_path / "merged", [(rec.ref, 0.7, rec.files)], base_fp)
+    merged = tmp_path / "merged"
+    merge_into_base(base_dir, resolve_inputs([rec.ref], weights=[0.7]), merged, max_shard_size="40KB",
+                    progress=False, notify=lambda *a, **k: None)
+    assert (merged / "recipe.yaml").is_file() and (merged / "README.md").is_file()
     out = ok("push", str(merged), "alice/support-merged", "--base-model", "meta-llama/Llama-3.2-1B")
     assert "pushed" in out and "alice/support-merged" in out
 
