@@ -108,20 +108,13 @@ def build_list_query(*, name: str | None = None, base: str | None = None, alias:
     sort walks (key, value). Other conditions are primary-key lookups.
     """
     conds = parse_where(where) if where else []
+    metric_conds = [c for c in conds if c.key not in COLUMNS]
     joins: list[str] = []
     join_params: list = []
     clauses: list[str] = []
     params: list = []
     metric_alias: dict[str, str] = {}
-
-    def metric(key: str, index: str = "") -> str:
-        if key not in metric_alias:
-            a = f"m{len(metric_alias)}"
-            metric_alias[key] = a
-            hint = f" INDEXED BY {index}" if index else ""
-            joins.append(f"JOIN metric_values {a}{hint} ON {a}.version_id = v.id AND {a}.key = ?")
-            join_params.append(key)
-        return metric_alias[key]
+    driver = None  # (metric key, index) that the query walks first, when pinned
 
     order = "v.id"
     desc = True if descending is None else descending
@@ -136,10 +129,30 @@ def build_list_query(*, name: str | None = None, base: str | None = None, alias:
         else:
             if not KEY_RE.match(key):
                 raise BadQuery(f"cannot sort by {sort!r}", f"sort by a metric or one of: {', '.join(SORTS)}")
-            order = f"{metric(key, 'metric_values_key_value')}.value"
-    metric_conds = [c for c in conds if c.key not in COLUMNS]
-    if order == "v.id" and metric_conds:
-        order = f"{metric(metric_conds[0].key, 'metric_values_key_version')}.version_id"  # same order
+            driver = (key, "metric_values_key_value")
+    elif metric_conds:
+        driver = (metric_conds[0].key, "metric_values_key_version")
+
+    if driver:
+        # CROSS JOIN fixes the loop order: SQLite never reorders around it
+        metric_alias[driver[0]] = "m0"
+        source = (f"FROM metric_values m0 INDEXED BY {driver[1]} CROSS JOIN versions v "
+                  "ON v.id = m0.version_id")
+        clauses.append("m0.key = ?")
+        params.append(driver[0])
+        order = "m0.value" if driver[1].endswith("value") else "m0.version_id"
+    else:
+        source = "FROM versions v"
+
+    def metric(key: str) -> str:
+        if key not in metric_alias:
+            a = f"m{len(metric_alias)}"
+            metric_alias[key] = a
+            joins.append(f"{'CROSS ' if driver else ''}JOIN metric_values {a} "
+                         f"ON {a}.version_id = v.id AND {a}.key = ?")
+            join_params.append(key)
+        return metric_alias[key]
+
     for c in conds:
         if c.key in COLUMNS:
             clauses.append(f"{COLUMNS[c.key]} {c.op} ?")
@@ -162,11 +175,11 @@ def build_list_query(*, name: str | None = None, base: str | None = None, alias:
         params.append(alias)
     if latest_only:
         clauses.append("v.version = (SELECT max(version) FROM versions w WHERE w.adapter_id = v.adapter_id)")
-    sql = ["SELECT v.id FROM versions v", *joins]
+    sql = ["SELECT v.id", source, *joins]
     if clauses:
         sql.append("WHERE " + " AND ".join(clauses))
     sql.append(f"ORDER BY {order} {'DESC' if desc else 'ASC'}" + ("" if order.endswith("id") else ", v.id DESC"))
     if limit is not None and limit > 0:
         sql.append("LIMIT ?")
         params.append(int(limit))
-    return " ".join(sql), join_params + params
+    return " ".join(sql), join_params + params  # joins' ? come before the WHERE clause's
