@@ -440,3 +440,56 @@ def test_resolve_adapter_helper_uses_registry(reg, tmp_path):
     assert got.ref == rec.ref and (folder / WEIGHTS_NAME).read_bytes() == (a / WEIGHTS_NAME).read_bytes()
     folder, got = resolve_adapter(str(a), reg.home)
     assert folder == a and got is None
+
+
+def _synthetic(reg, n: int, seed: int = 0) -> dict[int, dict]:
+    """n version rows with random metrics (some missing), straight into the schema."""
+    import random
+
+    rng = random.Random(seed)
+    truth: dict[int, dict] = {}
+    with reg._write() as conn:
+        for a in range(5):
+            conn.execute("INSERT INTO adapters (id, name, last_version, created_at) VALUES (?, ?, 0, 'x')",
+                         (a + 1, f"n{a}"))
+        for vid in range(1, n + 1):
+            a = vid % 5
+            rank = rng.choice([4, 8, 16])
+            conn.execute("INSERT INTO versions (id, adapter_id, name, version, content_sha256, rank, size, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, 'x')", (vid, a + 1, f"n{a}", vid, f"{vid:064x}", rank, 100))
+            m = {k: round(rng.uniform(0, 2), 2) for k in ("loss", "acc") if rng.random() < 0.8}
+            for k, v in m.items():
+                conn.execute("INSERT INTO metric_values VALUES (?, ?, ?)", (vid, k, v))
+            truth[vid] = {"name": f"n{a}", "rank": rank, **m}
+    return truth
+
+
+def test_list_filters_match_an_independent_computation(reg):
+    import operator
+    import random
+
+    truth = _synthetic(reg, 400)
+    ops = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "=": operator.eq,
+           "!=": operator.ne}
+    rng = random.Random(1)
+    for _ in range(60):
+        conds = [(rng.choice(["loss", "acc", "rank"]), rng.choice(list(ops)),
+                  rng.choice([0.5, 1.0, 1.5, 8, round(rng.uniform(0, 2), 2)])) for _ in range(rng.randint(0, 3))]
+        sort = rng.choice([None, "loss", "-acc", "rank", "-created"])
+        name = rng.choice([None, "n[12]"])
+        limit = rng.choice([None, 7, 50])
+        want = [vid for vid, row in truth.items()
+                if all(k in row and ops[op](row[k], v) for k, op, v in conds)
+                and (name is None or row["name"] in ("n1", "n2"))]
+        if sort in ("loss", "-acc", "rank"):
+            key = sort.lstrip("-")
+            want = [v for v in want if key in truth[v]]
+            sign = -1 if sort.startswith("-") else 1
+            want.sort(key=lambda v: (sign * truth[v][key], -v))
+        else:
+            want.sort(reverse=True)
+        if limit:
+            want = want[:limit]
+        where = [" and ".join(f"{k}{op}{v}" for k, op, v in conds)] if conds else []
+        got = [r.id for r in reg.list(where=where, sort=sort, name=name, limit=limit)]
+        assert got == want, (conds, sort, name, limit)
