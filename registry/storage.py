@@ -93,6 +93,8 @@ def export(self, ref, out, overwrite: bool = False) -> Path:
 
     rec = self.resolve(ref)
     out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise RegistryError(f"{out}: already exists", "choose another folder, or pass --overwrite")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for fn, sha in rec.files.items():
             self.blobs.copy_to(sha, tmp / fn)  # raises BlobCorrupt, and atomic_dir leaves nothing
