@@ -82,6 +82,15 @@ def warmup_steps(cfg: TrainConfig, total: int) -> int:
     return int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
 
 
+SMALL_HIDDEN = 512
+
+
+def _hidden_size(model) -> int:
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or 1 << 20)
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX)."""
     try:
@@ -199,9 +208,11 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
     Works the same in one process and under ``torchrun`` (DDP).
     """
     d, device = setup(config.device)
+    threads = torch.get_num_threads()
     try:
         return _train(config, d, device, on_step)
     finally:
+        torch.set_num_threads(threads)  # we may have changed it for this run only
         teardown(d)
 
 
@@ -250,6 +261,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     out = _check_out(cfg, resume["path"] if resume else None)
 
     model = load_base(base, device)
+    if not cfg.threads and device.type == "cpu" and _hidden_size(model) < SMALL_HIDDEN:
+        # Matmuls this small gain little from threads, and on a busy machine OpenMP's
+        # spinning makes 2 threads ~10x slower than 1 (measured): one thread, unless told.
+        torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)  # A's init: same draws as PEFT's get_peft_model
     random.seed(cfg.seed)
     layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
