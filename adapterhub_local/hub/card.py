@@ -74,7 +74,7 @@ def card_data(src, prov: dict, repo_id: str, base_models: list[str]):
         library_name="peft" if src.is_adapter else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
-        model_name=repo_id.split("/", 1)[1],
+        model_name=repo_id.split("/", 1)[1] if eval_results else None,  # model-index needs it
         eval_results=eval_results or None,
         **kwargs,
     )
@@ -104,7 +104,9 @@ def body_sections(src, prov: dict, repo_id: str, base_models: list[str]) -> dict
                 f"{s.get('trainable_parameters', 0):,} parameters on {', '.join(s.get('targets') or [])}) "
                 f"for {base_label}.")
     elif src.recipe is not None:
-        what = f"A merged model: {base_label} with LoRA adapters merged into its weights (W' = W + Σ wᵢ·sᵢ·BᵢAᵢ)."
+        merged = ", ".join(f"`{i.get('ref')}`" + (f" (w={i['weight']})" if i.get("weight") is not None else "")
+                           for i in prov["lineage"].get("inputs") or []) or "LoRA adapters"
+        what = f"A merged model: {base_label} with {merged} merged into its weights (W' = W + Σ wᵢ·sᵢ·BᵢAᵢ)."
     else:
         what = f"A model derived from {base_label} (no merge recipe was found beside it)."
     sections["summary"] = what

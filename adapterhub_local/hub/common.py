@@ -27,8 +27,8 @@ def validate_repo_id(repo_id: str) -> str:
         if not part:
             raise InvalidRepoId(repo_id, f"the {label} is empty")
         if not _PART.match(part):
-            raise InvalidRepoId(repo_id, f"the {label} {part!r} may only use letters, digits, '-', '_', '.', "
-                                "must start and end with a letter or digit, and be at most 96 characters")
+            raise InvalidRepoId(repo_id, f"the {label} {part!r} may only use letters, digits, '-', '_' and '.', "
+                                "may not start or end with '-' or '.', and is at most 96 characters")
         if "--" in part or ".." in part:
             raise InvalidRepoId(repo_id, "'--' and '..' are not allowed")
     if name.endswith(".git"):

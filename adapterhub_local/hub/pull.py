@@ -179,7 +179,9 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
             check_against_base(adapter, base_dir)
             actual = fingerprint_model(base_dir, progress=True).fingerprint
             if prov_fp and prov_fp != actual and not force:
-                raise BaseMismatch(prov_fp, actual)
+                err = BaseMismatch(prov_fp, actual)
+                err.hint = "give the base the adapter was published for, or --force to register it anyway"
+                raise err
             if prov_fp and prov_fp != actual:
                 result_warnings.append(f"--force: registered against {actual}, not the published base {prov_fp}")
             base_fp = actual
