@@ -76,7 +76,7 @@ class BlobStore:
         return self.path(sha).is_file()
 
     def _tmp(self) -> Path:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)  # OSError here is reported by the callers
         return self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}.tmp"
 
     def _install(self, tmp: Path, sha: str) -> Path:
@@ -109,7 +109,12 @@ class BlobStore:
         return sha, size
 
     def _write(self, sha: str, pieces) -> None:
-        tmp = self._tmp()
+        try:
+            self._write_tmp(self._tmp(), sha, pieces)
+        except OSError as e:
+            raise RegistryError(f"{self.root}: cannot store blob {sha[:12]}… ({e.strerror or e})") from None
+
+    def _write_tmp(self, tmp: Path, sha: str, pieces) -> None:
         try:
             with open(tmp, "wb") as fh:
                 for data in pieces:
@@ -125,6 +130,12 @@ class BlobStore:
             raise
 
     def _copy_verified(self, src: Path, sha: str) -> None:
+        try:
+            self._copy_tmp(src, sha)
+        except OSError as e:
+            raise RegistryError(f"{self.root}: cannot store blob {sha[:12]}… ({e.strerror or e})") from None
+
+    def _copy_tmp(self, src: Path, sha: str) -> None:
         tmp = self._tmp()
         try:
             h = hashlib.sha256()

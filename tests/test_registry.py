@@ -493,3 +493,42 @@ def test_list_filters_match_an_independent_computation(reg):
         where = [" and ".join(f"{k}{op}{v}" for k, op, v in conds)] if conds else []
         got = [r.id for r in reg.list(where=where, sort=sort, name=name, limit=limit)]
         assert got == want, (conds, sort, name, limit)
+
+
+def test_gc_between_blob_write_and_rows_is_repaired(reg, tmp_path, monkeypatch):
+    """gc running while a register is between storing blobs and writing rows deletes
+    those (still orphan) blobs; register notices under the write lock and stores them again."""
+    from adapterhub_local.registry import core
+
+    a = make_adapter(tmp_path / "a")
+    other = open_registry(reg.home)
+    real_write = core.Registry._write
+    calls = []
+
+    def gc_first(self):
+        if not calls:
+            calls.append(None)  # gc itself goes through _write
+            calls[0] = other.gc()
+        return real_write(self)
+
+    monkeypatch.setattr(core.Registry, "_write", gc_first)
+    rec = reg.register(a, "a")
+    monkeypatch.undo()
+    assert calls[0]["blobs_removed"] == 2  # gc really took them
+    report = reg.verify()
+    assert report["ok"] and report["orphans"] == [] and reg.adapter_path(rec).is_dir()
+
+
+def test_blob_store_write_failure_is_a_registry_error(reg, tmp_path, monkeypatch):
+    import os as _os
+
+    a = make_adapter(tmp_path / "a")
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_os, "fsync", no_space)
+    with pytest.raises(RegistryError, match="No space left"):
+        reg.register(a, "a")
+    monkeypatch.undo()
+    assert reg.list() == [] and not any(reg.blobs.tmp_dir.iterdir())
