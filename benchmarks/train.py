@@ -166,7 +166,8 @@ def child(kind: str, a: dict) -> dict:
                           targets=",".join(LORA["target_modules"]), lr=LR, warmup=0, schedule="cosine",
                           max_steps=a["steps"], batch_size=a["batch"], grad_accum=1,
                           seq_len=a["seq_len"], packing=a.get("packing", False),
-                          group_by_length=a.get("group", True), seed=SEED, threads=a["threads"])
+                          group_by_length=a.get("group", True), seed=SEED, threads=a["threads"],
+                          bf16=a.get("bf16", False))
         r = train(cfg)
         steps = [h for h in r.history if "loss" in h]
         res.update(step_times=[h["time"] for h in steps], step_tokens=[h["tokens"] for h in steps],
@@ -271,6 +272,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["uniform", "mixed"])
+    ap.add_argument("--with-bf16", action="store_true",
+                    help="also run ours with --bf16 on uniform data (not part of the fp32 targets)")
     ap.add_argument("--child")
     ap.add_argument("--args")
     o = ap.parse_args()
@@ -305,6 +308,9 @@ def main() -> None:
         u = {**common, "data": str(data / "uniform.jsonl")}
         for kind in ("bare", "trainer", "ours"):
             results[("uniform", kind)] = _show("uniform", kind, run_child(kind, u), n_params, peak)
+        if o.with_bf16:
+            results[("uniform", "ours+bf16")] = _show("uniform", "ours+bf16",
+                                                      run_child("ours", {**u, "bf16": True}), n_params, peak)
     if o.only in (None, "mixed"):
         m = {**common, "data": str(data / "mixed.jsonl")}
         runs = [("trainer", m), ("ours+pack", {**m, "packing": True}), ("ours+group", {**m, "group": True})]

@@ -85,5 +85,9 @@ def wrap(module: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Mod
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    # LoRA parameters all get gradients every step; static_graph is not needed
-    return DDP(module, device_ids=ids, broadcast_buffers=False)
+    # buffers (rotary tables) are identical on every rank: no need to sync them each forward
+    import inspect
+
+    params = inspect.signature(DDP.__init__).parameters
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DDP(module, device_ids=ids, **kw)
