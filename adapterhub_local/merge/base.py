@@ -20,7 +20,6 @@ This module must not import transformers (6-8 s of start-up for nothing).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ import torch
 
 from ..errors import AdapterHubError, BaseMismatch, InvalidAdapter, ShapeMismatch
 from ..fingerprint import FP_PREFIX, Fingerprint, _tensor_head, cached_fingerprint, combine, store_fingerprint
-from ..fsutil import atomic_dir, write_chunked
+from ..fsutil import atomic_dir
 from ..lora import LoraModule
 from .inputs import MergeInput
 from .io import (FLOAT_ST, INDEX_NAME, ITEMSIZE, ST_TO_TORCH, OutTensor, Reader, index_json, numel,
@@ -41,6 +40,9 @@ from .io import (FLOAT_ST, INDEX_NAME, ITEMSIZE, ST_TO_TORCH, OutTensor, Reader,
 from .report import MergeReport, stderr_notify
 
 CHUNK = 1024 * 1024  # copy / hash granularity for untouched tensors
+WRITE_PIECE = 256 * 1024
+WRITEBACK = 64 * 1024 * 1024  # start writeback of the output every 64 MiB
+MATMUL_SPLIT_MIN_RANK = 64  # below this stacked rank a product is memory-bound: one thread
 BLOCK_ELEMS = 1024 * 1024  # elements per row block (4 MiB in float32)
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                   "tok_embeddings.weight", "embeddings.weight")
@@ -188,7 +190,7 @@ class _Buffers:
     each so reading, arithmetic, hashing and writing overlap; a buffer is reused only after the
     hash and write threads are done with it. Writes go through one writer thread, in order."""
 
-    def __init__(self, max_raw: int, max_block: int, max_out: int):
+    def __init__(self, max_raw: int, max_block: int, max_out: int, threads: int = 1):
         self.raw = [torch.empty(max(max_raw, 1), dtype=torch.uint8) for _ in range(2)]
         self.raw_views = [memoryview(r.numpy()) for r in self.raw]
         self.f32 = [torch.empty(max(max_block, 1), dtype=torch.float32) for _ in range(2)]
@@ -196,6 +198,9 @@ class _Buffers:
         self.chunks = [bytearray(CHUNK), bytearray(CHUNK)]
         self.pending: dict[str, list[list]] = {"raw": [[], []], "blk": [[], []], "chunk": [[], []]}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
+        self._wb_file, self._wb_from, self._wb_pending = None, 0, 0
+        self.compute_slots = list(range(max(threads, 1) - 1))
+        self.compute = ThreadPoolExecutor(threads - 1, thread_name_prefix="matmul") if threads > 1 else None
 
     def claim(self, kind: str, k: int) -> None:
         for f in self.pending[kind][k]:
@@ -207,7 +212,44 @@ class _Buffers:
             self.pending[kind][k].append(fut)
 
     def write(self, fh, data):
-        return self.writer.submit(write_chunked, fh, data)
+        return self.writer.submit(self._write, fh, data)
+
+    def _write(self, fh, data) -> None:
+        """On the writer thread. Every WRITEBACK bytes, start the kernel's writeback of what
+        is written so far (fadvise DONTNEED, Linux): the final fsync that makes the output
+        durable then finds little left to do, and the output does not crowd the page cache."""
+        fd = fh.fileno()
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), WRITE_PIECE):  # 256 KiB pieces: one huge write() is slower
+            piece = view[i : i + WRITE_PIECE]
+            while piece:
+                piece = piece[os.write(fd, piece):]
+        if self._wb_file is not fh:
+            self._wb_file, self._wb_from, self._wb_pending = fh, 0, 0
+        self._wb_pending += len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self._wb_pending >= WRITEBACK and hasattr(os, "posix_fadvise"):
+            pos = os.lseek(fd, 0, os.SEEK_CUR)
+            try:
+                os.posix_fadvise(fh.fileno(), self._wb_from, pos - self._wb_from, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            self._wb_from, self._wb_pending = pos, 0
+
+    def addmm(self, blk: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+        """blk += alpha · left @ right. With threads > 1, a large stacked rank (real compute) is
+        split by rows over our own threads, each op single-threaded: OpenMP's spinning barrier
+        is several times slower than one thread when the machine is shared. Measured on a busy
+        2-core box, even our split lost to one thread (60-100 vs 20-30 GFLOP/s): default 1."""
+        rows = blk.shape[0]
+        if left.shape[1] < MATMUL_SPLIT_MIN_RANK or self.compute is None or rows < 2:
+            blk.addmm_(left, right, alpha=alpha)
+            return
+        step = -(-rows // (len(self.compute_slots) + 1))
+        futs = [self.compute.submit(blk[i : i + step].addmm_, left[i : i + step], right, alpha=alpha)
+                for i in range(step, rows, step)]
+        blk[:step].addmm_(left[:step], right, alpha=alpha)
+        for f in futs:
+            f.result()
 
     def drain(self, quiet: bool = False) -> None:
         """Wait for every pending hash and write (before a file is closed)."""
@@ -224,6 +266,8 @@ class _Buffers:
 
     def close(self) -> None:
         self.writer.shutdown(wait=True, cancel_futures=True)
+        if self.compute is not None:
+            self.compute.shutdown(wait=True)
 
 
 def _block_rows(shape) -> tuple[int, int, int]:
@@ -237,7 +281,8 @@ def _block_rows(shape) -> tuple[int, int, int]:
 def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | None = "auto",
                     max_shard_size: str | int = "5GB", force: bool = False, overwrite: bool = False,
                     recipe: dict | None = None, progress: bool = True, notify=stderr_notify,
-                    reader: Reader | None = None, expect_base: str | None = None) -> MergeReport:
+                    reader: Reader | None = None, expect_base: str | None = None,
+                    threads: int = 1) -> MergeReport:
     """Stream ``base_dir`` into ``out`` with every input's delta added. Returns the report.
 
     ``recipe`` (from :func:`adapterhub_local.merge.recipe.merge_recipe`) is written as
@@ -310,10 +355,10 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
             max_raw = max(max_raw, block * row * ITEMSIZE[t.source.dtype])
             if t.dtype != "F32":
                 max_out = max(max_out, block * row * ITEMSIZE[t.dtype])
-    bufs = _Buffers(max_raw, max_block, max_out)
+    bufs = _Buffers(max_raw, max_block, max_out, threads=max(1, int(threads or 1)))
     # Element-wise passes are memory-bound: one thread does them as fast as two, and on a
     # busy machine OpenMP's barrier makes two threads several times slower. Products of a
-    # large stacked rank (many adapters) are compute-bound and get every core.
+    # large stacked rank (many adapters) are split over our own threads (_Buffers.addmm).
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     reader = reader or Reader()
@@ -326,7 +371,7 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for shard, fname in zip(shards, names):
-                with open(tmp / fname, "wb") as fh:
+                with open(tmp / fname, "wb", buffering=0) as fh:
                     try:
                         bufs.write(fh, shard_header(shard))
                         for t in shard:
@@ -522,12 +567,10 @@ def _compute(t: OutTensor, e: _Edit | None, reader: Reader, hasher: _Hasher | No
                   else bufs.raw[k][: n * src_item].view(src_t).view(r1 - r0, row))
         if plain is not None:
             a, b, alpha = plain
-            with _threads(a.shape[0]):
-                blk.addmm_(b[r0:r1], a, alpha=alpha)  # rows of W are output features
+            bufs.addmm(blk, b[r0:r1], a, alpha)  # rows of W are output features
         if trans is not None:
             a, b, alpha = trans
-            with _threads(a.shape[0]):
-                blk.addmm_(a[:, r0:r1].T, b.T, alpha=alpha)  # W stored (in, out): rows are input features
+            bufs.addmm(blk, a[:, r0:r1].T, b.T, alpha)  # W stored (in, out): rows are input features
         if bias is not None:
             blk.add_(bias[r0:r1])
         if out_t == torch.float32:
@@ -543,21 +586,6 @@ def _compute(t: OutTensor, e: _Edit | None, reader: Reader, hasher: _Hasher | No
     if hasher:
         hasher.finish(info.name, h)
     reader.end(info)
-
-
-MATMUL_THREADS_MIN_RANK = 64  # below this stacked rank a product is memory-bound: one thread
-
-
-@contextlib.contextmanager
-def _threads(rank: int):
-    if rank < MATMUL_THREADS_MIN_RANK or (os.cpu_count() or 1) == 1:
-        yield
-        return
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(1)
 
 
 def _norm(m: LoraModule) -> float:

@@ -85,9 +85,16 @@ def provenance_fingerprint(folder: Path) -> str | None:
 def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
     from ..refs import resolve_adapter
 
+    import torch
+
     folder, record = resolve_adapter(str(ref), registry_home)
     folder = Path(folder)
-    adapter = load_adapter(folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # validation is memory-bound; OpenMP's barrier only hurts on a busy box
+    try:
+        adapter = load_adapter(folder)
+    finally:
+        torch.set_num_threads(threads)
     if record is not None:
         files = dict(getattr(record, "files", None) or {}) or _file_hashes(folder)
         files = {k: v for k, v in files.items() if k in (CONFIG_NAME, WEIGHTS_NAME)} or _file_hashes(folder)
