@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from ..errors import AdapterHubError
 
 TOKEN_HINT = "pass --token, set HF_TOKEN, or run `hf auth login`"
-RERUN_HINT = "nothing was committed; run the same command again to finish (uploaded files are not sent twice)"
+RERUN_HINT = "nothing was committed; run the same command again to finish: files already uploaded are not sent twice"
 
 
 class HubError(AdapterHubError):
