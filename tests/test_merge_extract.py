@@ -147,3 +147,30 @@ def test_every_verb_has_help_with_an_example():
     for verb in ("merge", "interpolate", "stack", "extract"):
         res = CliRunner().invoke(cli, [verb, "--help"])
         assert res.exit_code == 0 and "Example" in res.output and f"adapters {verb}" in res.output
+
+
+def test_exported_provenance_is_verified_and_merges_are_recorded(llama_dir, tmp_path, capsys):
+    import shutil
+
+    from adapterhub_local.registry import open_registry
+    from tiny import make_llama
+
+    a = make_peft_adapter(llama_dir, tmp_path / "a", seed=1)
+    reg = open_registry()
+    reg.register(a, "alpha", base_dir=llama_dir)
+    exported = reg.export("alpha", tmp_path / "exported")
+    assert (exported / "provenance.json").is_file()
+    other = make_llama(tmp_path / "other", seed=7)  # same shapes, different weights
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(other), str(exported), "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    assert "fingerprint mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # a plain merge (no --register) is still recorded, since a registry exists
+    res = CliRunner().invoke(cli, ["merge", str(llama_dir), str(exported), "--out", str(tmp_path / "m"),
+                                   "--json"], catch_exceptions=False)
+    rep = json.loads(res.stdout)
+    assert rep["fingerprint"]["verified"] and rep["registered"]["merge_id"]
+    rec = open_registry().merge(rep["registered"]["merge_id"])
+    assert rec["inputs"][0]["ref"] == "alpha@1" and rec["recipe"]["operation"] == "merge"
+    shutil.rmtree(tmp_path / "m")

@@ -10,8 +10,23 @@ DTYPES = ["auto", "bfloat16", "float16", "float32"]
 
 
 def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> None:
-    """Record the merge (and, for adapters, the new version with its parents) in the registry."""
+    """Record the merge (and, for adapters, the new version with its parents) in the registry.
+
+    Without --register the merge is still recorded (recipe, inputs, output path) when a
+    registry exists or an input came from one; nothing creates a registry uninvited.
+    """
+    import os
+
     if not name:
+        if not (any(i.record is not None for i in inputs) or (app.registry_home / "registry.db").is_file()):
+            return
+        recipe = report.recipe
+        params = dict(recipe.get("parameters") or {})
+        params.setdefault("via", recipe.get("via"))
+        merge_id = app.registry().record_merge(
+            inputs=[i.record or str(i.folder) for i in inputs], weights=[i.weight for i in inputs],
+            method=str(recipe.get("method")), params=params, output=os.path.abspath(out), recipe=recipe)
+        report.registered = {"merge_id": merge_id, "output": os.path.abspath(out)}
         return
     reg = app.registry()
     parents = [i.record if i.record is not None else str(i.folder) for i in inputs]
@@ -25,16 +40,15 @@ def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> N
         rec = reg.register(out, name, base_fingerprint=prov.get("base_fingerprint"), parents=parents,
                            provenance={"recipe": recipe}, note=f"{recipe.get('operation')}: {recipe.get('method')}",
                            tags={"merge": str(recipe.get("method"))})
-        merge_id = reg.record_merge(inputs=[i.record or i.ref for i in inputs], weights=[i.weight for i in inputs],
+        merge_id = reg.record_merge(inputs=[i.record or str(i.folder) for i in inputs],
+                                    weights=[i.weight for i in inputs],
                                     method=str(recipe.get("method")), params=params, output=rec.ref,
                                     recipe=recipe, output_version=rec)
         report.registered = {"ref": rec.ref, "merge_id": merge_id, "is_new": getattr(rec, "is_new", True)}
         hint(f"registered {rec.ref} (merge #{merge_id}, parents: {', '.join(rec.parents) or 'none'})")
     else:
-        import os
-
-        merge_id = reg.record_merge(inputs=[i.record or i.ref for i in inputs], weights=[i.weight for i in inputs],
-                                    method="linear", params={**params, "name": name},
+        merge_id = reg.record_merge(inputs=[i.record or str(i.folder) for i in inputs],
+                                    weights=[i.weight for i in inputs], method="linear", params={**params, "name": name},
                                     output=os.path.abspath(out), recipe=recipe)
         report.registered = {"name": name, "merge_id": merge_id, "output": os.path.abspath(out)}
         hint(f"recorded merge #{merge_id} ({name}) in the registry; a merged model is not an adapter "
@@ -64,7 +78,9 @@ def _show(report, as_json: bool) -> None:
     rows.append(["time", f"{report.time_s:.2f} s"])
     rows.append(["peak memory", f"{report.peak_rss_mb:.0f} MB"])
     if report.registered:
-        rows.append(["registered", report.registered.get("ref") or report.registered.get("name")])
+        reg = report.registered
+        rows.append(["registry", " ".join(x for x in (reg.get("ref") or reg.get("name"),
+                                                      f"merge #{reg['merge_id']}") if x)])
     click.echo(table(rows))
     mods = [m for m in report.modules if "rel_error" in m]
     if mods:

@@ -71,15 +71,26 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 
 
 def provenance_fingerprint(folder: Path) -> str | None:
-    path = Path(folder) / PROVENANCE_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise InvalidAdapter(path, "not valid JSON") from None
-    fp = data.get("base_fingerprint") if isinstance(data, dict) else None
-    return str(fp) if fp else None
+    """The base fingerprint an exported folder records: adapterhub.json (ours and the Hub's,
+    top-level ``base_fingerprint`` or ``base.fingerprint``), else the registry export's
+    provenance.json."""
+    for name in (PROVENANCE_NAME, "provenance.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise InvalidAdapter(path, "not valid JSON") from None
+        if not isinstance(data, dict):
+            continue
+        fp = data.get("base_fingerprint")
+        if not fp and isinstance(data.get("base"), dict):
+            fp = data["base"].get("fingerprint")
+        if fp:
+            fp = str(fp)
+            return fp if fp.startswith("sha256:") else f"sha256:{fp}"
+    return None
 
 
 def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
