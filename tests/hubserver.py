@@ -209,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "tiny-hub/1.0"
     state: HubState  # set on the subclass the server builds
 
-    def log_message(self, format, *args):  # noqa: A002 - keep test output quiet
+    def log_message(self, format, *args):
         pass
 
     # -- plumbing ------------------------------------------------------------------
@@ -346,7 +346,7 @@ class Handler(BaseHTTPRequestHandler):
 
         content = payload.get("content", "")
         errors = []
-        m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.S)
+        m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.DOTALL)
         if m:
             try:
                 meta = yaml.safe_load(m.group(1))
@@ -596,7 +596,7 @@ class HubServer:
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> HubServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:

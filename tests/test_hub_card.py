@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from tiny import make_peft_adapter
 
 from adapterhub_local.cli import cli, main
-from tiny import make_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def dry_run(*args) -> dict:
     return json.loads(res.stdout)
 
 
-def card_of(staged) -> "object":
+def card_of(staged) -> object:
     from huggingface_hub import ModelCard
 
     return ModelCard.load(f"{staged}/README.md")
@@ -49,7 +50,7 @@ def test_adapter_card_without_a_hub_base_claims_no_base(adapter):
     assert {"peft", "lora", "adapterhub-local"} <= set(card.data.tags)
     assert "merge" not in card.data.tags
     assert "rank 4" in card.text and "PeftModel.from_pretrained" in card.text
-    prov = json.loads(open(f"{res['staged_dir']}/adapterhub.json").read())
+    prov = json.loads((Path(res["staged_dir"]) / "adapterhub.json").read_text())
     assert prov["kind"] == "adapter" and prov["registry"] is None and prov["base"]["fingerprint"] is None
 
 
@@ -70,7 +71,7 @@ def test_merged_card_lists_several_bases(llama_dir, tmp_path):
     # without --base-model, Hub ids among the recipe's inputs are used
     res = dry_run(str(merged), "me/merged2")
     assert card_of(res["staged_dir"]).data.base_model == ["org/lora-a", "org/lora-b"]
-    prov = json.loads(open(f"{res['staged_dir']}/adapterhub.json").read())
+    prov = json.loads((Path(res["staged_dir"]) / "adapterhub.json").read_text())
     assert prov["lineage"]["parents"] == ["org/lora-a", "org/lora-b"]
     assert prov["base"]["fingerprint"] == "sha256:" + "a" * 64
 

@@ -15,8 +15,8 @@ from .errors import (
     HubServerError,
     HubUnreachable,
     InvalidRepoId,
-    NoToken,
     NotALoraRepo,
+    NoToken,
     PermissionDenied,
     RepoNotFound,
 )
@@ -34,5 +34,16 @@ def pull(*args, **kwargs):
     return _pull(*args, **kwargs)
 
 
-__all__ = ["push", "pull", "HubError", "InvalidRepoId", "NoToken", "AuthFailed", "PermissionDenied",
-           "RepoNotFound", "HubUnreachable", "HubServerError", "NotALoraRepo"]
+__all__ = [
+    "AuthFailed",
+    "HubError",
+    "HubServerError",
+    "HubUnreachable",
+    "InvalidRepoId",
+    "NoToken",
+    "NotALoraRepo",
+    "PermissionDenied",
+    "RepoNotFound",
+    "pull",
+    "push",
+]

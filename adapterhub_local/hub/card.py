@@ -177,8 +177,8 @@ def render_body(name: str, sections: dict[str, str]) -> str:
     if sections.get("metrics"):
         parts += ["## Metrics", "From the adapterhub-local registry.", sections["metrics"]]
     parts += ["## Files", sections["files"], "## How to use", sections["usage"],
-              "---", f"Published with adapterhub-local {__version__}. `adapterhub.json` in this repo holds "
-              "the same provenance in machine-readable form."]
+              "---", (f"Published with adapterhub-local {__version__}. `adapterhub.json` in this repo holds "
+                      "the same provenance in machine-readable form.")]
     return "\n\n".join(parts) + "\n"
 
 

@@ -178,7 +178,7 @@ def hub_errors(step: str, repo_id: str, endpoint: str, *, user: str | None = Non
     """Run one network step; a Hub failure becomes a one-line HubError."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - anything not recognised is re-raised untouched
+    except Exception as e:
         mapped = translate(e, step=step, repo_id=repo_id, endpoint=endpoint, user=user,
                            authenticated=authenticated, resumable=resumable, revision=revision)
         if mapped is None:

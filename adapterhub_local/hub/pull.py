@@ -52,7 +52,7 @@ class PullResult:
 
 def _not_lora_reason(names: set[str]) -> str | None:
     if "adapter_config.json" not in names:
-        if "config.json" in names and any(n.endswith(".safetensors") or n.endswith(".bin") for n in names):
+        if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
             return "it holds a full model (config.json and weights), not an adapter"
         return "no adapter_config.json in the repo"
     if "adapter_model.safetensors" not in names:
