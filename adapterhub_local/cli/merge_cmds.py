@@ -62,7 +62,8 @@ def _show(report, as_json: bool) -> None:
     s = report.summary
     rows = [["operation", report.operation], ["output", report.output]]
     if report.method:
-        rows.append(["method", report.method + (f" (via {s['via']})" if s.get("via") else "")])
+        via = s.get("via")
+        rows.append(["method", report.method + (f" (via {via})" if via and via != report.method else "")])
     for k in ("exact", "rank", "ranks", "density", "seed", "modules", "rel_error", "energy_kept",
               "tensors", "modified", "shards", "dtype", "untied", "trainable_parameters"):
         if k in s and s[k] is not None:
