@@ -76,6 +76,29 @@ def test_merged_card_lists_several_bases(llama_dir, tmp_path):
     assert prov["base"]["fingerprint"] == "sha256:" + "a" * 64
 
 
+def test_merged_adapter_from_the_merge_engine(llama_dir, adapter, tmp_path):
+    from adapterhub_local.registry import open_registry
+
+    from adapterhub_local.merge import merge_adapters, resolve_inputs
+
+    reg = open_registry()
+    a = reg.register(adapter, "legal", base_dir=llama_dir)
+    b = reg.register(make_peft_adapter(llama_dir, tmp_path / "other", seed=8), "tax", base_dir=llama_dir)
+    merge_adapters(resolve_inputs([a.ref, b.ref], weights=[0.5, 0.5]), tmp_path / "combo", method="cat",
+                   notify=lambda *x, **k: None)
+    res = dry_run(str(tmp_path / "combo"), "me/combo")
+    prov = json.loads((Path(res["staged_dir"]) / "adapterhub.json").read_text())
+    assert prov["kind"] == "adapter" and prov["recipe"]["method"] == "cat"
+    assert prov["base"]["fingerprint"] == a.base_fingerprint  # agreed on by both inputs
+    assert prov["lineage"]["parents"] == [a.ref, b.ref]
+    assert [i["weight"] for i in prov["lineage"]["inputs"]] == [0.5, 0.5]
+    card = card_of(res["staged_dir"])
+    assert card.data.library_name == "peft" and "merge" in card.data.tags
+    assert "`legal@1`" in card.text and "`tax@1`" in card.text and "method: cat" in card.text
+    assert sorted(f["path"] for f in res["files"]) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "recipe.yaml"]
+
+
 def test_user_template_keeps_its_metadata_and_gets_ours(adapter, tmp_path):
     tpl = tmp_path / "tpl.md"
     tpl.write_text("---\nlicense: mit\nlibrary_name: custom-lib\n---\n# {{ model_name }} by the legal team\n\n"

@@ -34,6 +34,8 @@ def build_provenance(src, base_hub_id: str | None = None) -> dict:
     parents = list(getattr(record, "parents", None) or [])
     if not parents and src.recipe:
         parents = [str(i["ref"]) for i in recipe_inputs(src.recipe) if i.get("ref")]
+    if not parents:
+        parents = list(src.local_provenance.get("parents") or [])
     children = list(getattr(record, "children", None) or [])
     metrics = dict(getattr(record, "metrics", None) or {})
     prov: dict = {

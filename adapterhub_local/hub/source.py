@@ -16,7 +16,7 @@ from ..errors import AdapterHubError, InvalidModel
 
 RECIPE_NAMES = ("recipe.yaml", "recipe.yml")
 # Files a push never carries: our own outputs are regenerated, caches and temp files are noise.
-SKIP_NAMES = {"README.md", "adapterhub.json", ".gitattributes"}
+SKIP_NAMES = {"README.md", "adapterhub.json", "provenance.json", ".gitattributes"}
 SKIP_PREFIXES = (".",)
 
 
@@ -36,6 +36,7 @@ class Source:
     model_fingerprint: str | None = None  # merged models: the fingerprint of the published weights
     adapter_summary: dict | None = None
     existing_readme: str | None = None
+    local_provenance: dict = field(default_factory=dict)  # the folder's own adapterhub.json / provenance.json
 
     @property
     def is_adapter(self) -> bool:
@@ -120,7 +121,34 @@ def recipe_base(recipe: dict | None) -> tuple[str | None, str | None]:
         name = base
     prov = recipe.get("provenance") if isinstance(recipe.get("provenance"), dict) else {}
     fp = fp or prov.get("base_fingerprint")
+    if not fp:  # adapter algebra: no base of its own, but its inputs agree on one
+        fps = {i.get("base_fingerprint") for i in recipe_inputs(recipe) if isinstance(i, dict)}
+        fp = fps.pop() if len(fps) == 1 else None
     return (str(name) if name else None), (str(fp) if fp else None)
+
+
+def folder_provenance(folder: Path) -> dict:
+    """What a folder says about itself: an adapterhub.json (ours, or the one `adapters merge`
+    writes) or a registry export's provenance.json, as {"base_fingerprint", "parents"}."""
+    for name in ("adapterhub.json", "provenance.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        fp = data.get("base_fingerprint")
+        if not fp and isinstance(data.get("base"), dict):
+            fp = data["base"].get("fingerprint")
+        parents = data.get("parents")
+        if parents is None and isinstance(data.get("lineage"), dict):
+            parents = data["lineage"].get("parents")
+        return {"base_fingerprint": fp if isinstance(fp, str) else None,
+                "parents": [str(p) for p in parents] if isinstance(parents, list) else []}
+    return {}
 
 
 def recipe_inputs(recipe: dict | None) -> list[dict]:
@@ -192,8 +220,9 @@ def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True
             prov = getattr(record, "provenance", None) or {}
             if src.recipe is None and isinstance(prov.get("recipe"), dict):
                 src.recipe = prov["recipe"]
+        src.local_provenance = folder_provenance(path)
         if not src.base_fingerprint:
-            src.base_fingerprint = recipe_base(src.recipe)[1]
+            src.base_fingerprint = recipe_base(src.recipe)[1] or src.local_provenance.get("base_fingerprint")
         return src
 
     if (path / "config.json").is_file():
@@ -211,10 +240,11 @@ def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True
         base_name, base_fp = recipe_base(recipe)
         if not base_name:
             base_name = config.get("_name_or_path") or None
+        local = folder_provenance(path)
         return Source(kind="merged", folder=path, ref=ref, record=record, recipe=recipe,
                       recipe_text=recipe_text, config=config, files=files, sizes=sizes,
-                      base_fingerprint=base_fp, base_name=base_name, model_fingerprint=model_fp,
-                      existing_readme=existing_readme)
+                      base_fingerprint=base_fp or local.get("base_fingerprint"), base_name=base_name,
+                      model_fingerprint=model_fp, existing_readme=existing_readme, local_provenance=local)
 
     raise AdapterHubError(
         f"{path}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)",
