@@ -214,6 +214,11 @@ def test_interpolate_cli_exact_and_endpoints(trio, tmp_path):
                                    "--out", str(tmp_path / "i2"), "--json"], catch_exceptions=False)
     assert json.loads(res.stdout)["summary"]["via"] == "svd"
     assert load_adapter(tmp_path / "i2").ranks == [2]
+    res = CliRunner().invoke(cli, ["merge", "--recipe", str(tmp_path / "i2" / "recipe.yaml"), "--out",
+                                   str(tmp_path / "i2-again"), "--json"], catch_exceptions=False)
+    assert json.loads(res.stdout)["operation"] == "interpolate"
+    for p in (tmp_path / "i2").iterdir():
+        assert p.read_bytes() == (tmp_path / "i2-again" / p.name).read_bytes(), p.name
 
 
 def test_unknown_method_and_bad_args_are_clean_errors(trio, tmp_path, capsys):

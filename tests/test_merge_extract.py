@@ -73,6 +73,11 @@ def test_extract_energy_gives_per_module_ranks(llama_dir, tuned, tmp_path):
     peft_logits(llama_dir, out)  # PEFT loads it too
     # truncation error is reported honestly
     assert 0 < rep["summary"]["rel_error"] < 1
+    again = tmp_path / "again"
+    CliRunner().invoke(cli, ["merge", "--recipe", str(out / "recipe.yaml"), "--out", str(again)],
+                       catch_exceptions=False)
+    for p in out.iterdir():
+        assert p.read_bytes() == (again / p.name).read_bytes(), p.name
 
 
 def test_extract_gpt2_conv1d_and_uncaptured_norms(tmp_path):
