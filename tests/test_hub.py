@@ -400,6 +400,16 @@ def test_pull_brings_lineage_and_fingerprint(hub_env, models, base_dir, adapter_
     assert json.loads(ok("list", "--json"))  # still readable
 
 
+def test_pull_back_what_was_pushed_is_the_same_version(hub_env, base_dir, adapter_dir):
+    rec = register(adapter_dir, "support", base_dir)
+    assert "README.md" in rec.files  # PEFT's own card: the pushed repo has ours instead
+    ok("push", "support", "alice/round-trip")
+    pulled = json.loads(ok("pull", "alice/round-trip", "--name", "support", "--json"))
+    assert not pulled["is_new"] and pulled["ref"] == "support@1"
+    assert json.loads(ok("list", "--json"))[0]["ref"] == "support@1"
+    assert len(json.loads(ok("list", "--json"))) == 1
+
+
 def test_pull_checks_base(hub_env, models, base_dir, adapter_dir, capsys):
     register(adapter_dir, "support", base_dir)
     ok("push", "support", "alice/for-base-check")

@@ -111,6 +111,19 @@ def check_against_base(adapter, base_dir: Path) -> None:
             raise ShapeMismatch(key, shapes[key], tuple(t.shape), where=str(base_dir))
 
 
+def same_adapter(reg, name: str, hashes: dict[str, str]):
+    """The version of ``name`` whose adapter config and weights are exactly these bytes (a push
+    of it coming back, whose other files, like the README, differ), as not new; else None."""
+    from ..registry.core import check_name
+
+    check_name(name)
+    for rec in reg.list(name=name, limit=None):
+        if all(rec.files.get(f) == hashes.get(f) for f in ADAPTER_FILES):
+            rec.is_new = False
+            return rec
+    return None
+
+
 def default_name(repo_id: str) -> str:
     return repo_id.split("/", 1)[1]
 
@@ -206,9 +219,11 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
             "published_as": published.get("ref"), "lineage": lineage, "adapterhub": prov,
         }
         kwargs = {"base_dir": base_dir} if base_dir is not None else {"base_fingerprint": base_fp}
-        rec = reg.register(folder, name or default_name(repo_id), metrics=metrics or None,
-                           note=f"pulled from {ep}/{repo_id}@{commit[:12]}", parents=tuple(linked),
-                           provenance=provenance, **kwargs)
+        rec = same_adapter(reg, name or default_name(repo_id), hashes)
+        if rec is None:
+            rec = reg.register(folder, name or default_name(repo_id), metrics=metrics or None,
+                               note=f"pulled from {ep}/{repo_id}@{commit[:12]}", parents=tuple(linked),
+                               provenance=provenance, **kwargs)
         from .push import record_hub
 
         record_hub(registry_home, rec.ref, repo_id, revision or "main", commit)
