@@ -50,8 +50,9 @@ def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message,
     registry version is recorded on it (see `adapters show`).
 
     Tokens: --token, else $HF_TOKEN, else `hf auth login`. A self-hosted Hub:
-    set HF_ENDPOINT=https://hub.example.com. If a push fails half-way, run the
-    same command again: files already uploaded are not sent twice.
+    set HF_ENDPOINT=https://hub.example.com (and HF_HUB_DISABLE_XET=1 if it only
+    speaks git-LFS). If a push fails half-way, run the same command again: files
+    already uploaded are not sent twice.
 
     \b
     Examples:
