@@ -69,9 +69,9 @@ def main() -> None:
                       ADAPTERS_PROGRESS="0", HF_HUB_DISABLE_PROGRESS_BARS="1")
     os.environ.pop("HF_HUB_OFFLINE", None)
     from huggingface_hub import HfApi, snapshot_download
+    from tiny import make_llama, make_peft_adapter
 
     from adapterhub_local.hub import pull, push
-    from tiny import make_llama, make_peft_adapter
 
     try:
         model = make_model(work / "merged", args.mb)
@@ -83,7 +83,7 @@ def main() -> None:
             return api.upload_folder(repo_id="bench/bare", folder_path=model, commit_message="bare")
 
         t_bare, _ = timed(bare_push)
-        t_ours, res = timed(lambda: push(str(model), "bench/ours"))
+        t_ours, _ = timed(lambda: push(str(model), "bench/ours"))
         print(f"push {size:.0f} MiB merged model: upload_folder {t_bare:.2f} s, adapters push {t_ours:.2f} s, "
               f"ratio {t_ours / t_bare:.2f} (goal <= 1.5)")
 
@@ -92,7 +92,7 @@ def main() -> None:
                                                                                     "o_proj"])
         push(str(adapter), "bench/adapter")
         t_bare, _ = timed(lambda: snapshot_download("bench/adapter", local_dir=work / "dl", endpoint=server.url))
-        t_ours, res = timed(lambda: pull("bench/adapter", name="bench"))
+        t_ours, _ = timed(lambda: pull("bench/adapter", name="bench"))
         print(f"pull adapter: snapshot_download {t_bare:.2f} s, adapters pull (download, verify, register) "
               f"{t_ours:.2f} s, ratio {t_ours / t_bare:.2f} (goal <= 2)")
     finally:
