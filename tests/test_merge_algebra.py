@@ -125,7 +125,7 @@ def _ref_ties(ds, ws, density):
     n = len(flat[0])
     kept = []
     for f in flat:
-        k = int(round(density * n))
+        k = round(density * n)
         order = sorted(range(n), key=lambda i: -abs(f[i]))[:k]
         keep = set(order)
         kept.append([f[i] if i in keep else 0.0 for i in range(n)])
@@ -158,7 +158,7 @@ def test_dense_methods_report_true_error_and_are_seeded(trio, method, tmp_path):
             "--seed", "7", "--json"]
     r1 = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "x")], catch_exceptions=False)
     r2 = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "y")], catch_exceptions=False)
-    assert r1.exit_code == 0, r1.output
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output
     for name in ("adapter_model.safetensors", "adapter_config.json", "recipe.yaml"):
         assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
     rep = json.loads(r1.stdout)

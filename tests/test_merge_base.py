@@ -106,9 +106,9 @@ def test_base_mismatch_refused_and_force_noted(llama, adapter, tmp_path):
 
     bad = tmp_path / "bad-base"
     shutil.copytree(llama, bad)
-    shard = sorted(bad.glob("model-*.safetensors"))[-1]
+    shard = max(bad.glob("model-*.safetensors"))
     tensors = load_file(shard)
-    name = sorted(tensors)[0]
+    name = min(tensors)
     tensors[name].view(-1)[0] += 1.0  # one element changed
     save_file(tensors, shard, metadata={"format": "pt"})
     out = tmp_path / "out"
@@ -288,7 +288,7 @@ def test_memory_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     assert max(live for _, live in reader.reads) == 1
     assert reader.max_tensor_bytes == max(v.numel() * 4 for v in state(base).values())
     # and not even one whole tensor: reads are row blocks, so a real model's buffers stay at a few MiB
-    import adapterhub_local.merge.base as mb
+    import adapterhub_local.merge.stream as mb
 
     reader = Counting()
     monkeypatch.setattr(mb, "BLOCK_ELEMS", 256)
@@ -359,6 +359,6 @@ def test_merge_does_not_import_transformers(llama, adapter, tmp_path):
 
 
 def test_reads_sharded_index(llama):
-    with safe_open(str(sorted(llama.glob("model-*.safetensors"))[0]), "pt") as f:
+    with safe_open(str(min(llama.glob("model-*.safetensors"))), "pt") as f:
         assert f.keys()
     assert (llama / "model.safetensors.index.json").is_file()

@@ -10,8 +10,20 @@ from __future__ import annotations
 
 from .inputs import MergeInput, parse_weights, resolve_input, resolve_inputs
 
-__all__ = ["MergeInput", "parse_weights", "resolve_input", "resolve_inputs", "merge_into_base",
-           "merge_adapters", "interpolate", "stack", "extract_lora", "load_recipe", "replay", "METHODS"]
+__all__ = [
+    "METHODS",
+    "MergeInput",
+    "extract_lora",
+    "interpolate",
+    "load_recipe",
+    "merge_adapters",
+    "merge_into_base",
+    "parse_weights",
+    "replay",
+    "resolve_input",
+    "resolve_inputs",
+    "stack",
+]
 
 
 def __getattr__(name):  # keep `import adapterhub_local.merge` cheap: torch loads on first use

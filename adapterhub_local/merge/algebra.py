@@ -218,7 +218,7 @@ def _config(inputs: list[MergeInput], modules: dict[str, LoraModule], extra: dic
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()),
         lora_bias=any(m.bias is not None for m in modules.values()),
         modules_to_save=mts or None, task_type=first.get("task_type", "CAUSAL_LM"),
-        base_model_name_or_path=sorted(bases)[0] if len(bases) == 1 else first.get("base_model_name_or_path"),
+        base_model_name_or_path=min(bases) if len(bases) == 1 else first.get("base_model_name_or_path"),
         bias="none",
     )
 

@@ -23,8 +23,8 @@ def merged_model_card(config: dict, base_dir, inputs, recipe: dict, warnings: li
     meta = {"base_model": base, "base_model_relation": "merge", "library_name": "transformers",
             "tags": ["merge", "lora", "adapterhub-local"]}
     lines = [_front(meta), f"# {base} + {len(inputs)} LoRA adapter(s), merged", "",
-             "Merged by adapterhub-local: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, computed in float32 and cast once "
-             "(sᵢ = alpha/r, or alpha/√r with rsLoRA).", "",
+             ("Merged by adapterhub-local: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, computed in float32 and cast once "
+              "(sᵢ = alpha/r, or alpha/√r with rsLoRA)."), "",
              f"Base model fingerprint: `{fingerprint}`", "",
              "| adapter | weight | ranks | modules | expected base |", "|---|---|---|---|---|"]
     for i in inputs:
@@ -45,9 +45,11 @@ def adapter_card(base_model: str | None, recipe: dict, summary: dict, warnings: 
     if base_model:
         meta = {"base_model": base_model, **meta}
         meta["tags"].append(f"base_model:adapter:{base_model}")
-    lines = [_front(meta), f"# LoRA adapter: {recipe.get('method')} of {len(recipe.get('inputs') or [])} "
-             "adapter(s)" if recipe.get("operation") != "extract" else "# LoRA adapter extracted from a "
-             "fine-tuned model", ""]
+    if recipe.get("operation") == "extract":
+        title = "# LoRA adapter extracted from a fine-tuned model"
+    else:
+        title = f"# LoRA adapter: {recipe.get('method')} of {len(recipe.get('inputs') or [])} adapter(s)"
+    lines = [_front(meta), title, ""]
     for key in ("exact", "rank", "rel_error", "energy_kept"):
         if key in summary:
             lines.append(f"- {key}: {summary[key]}")

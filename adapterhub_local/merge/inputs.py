@@ -10,6 +10,7 @@ it expects: a registry version's ``base_fingerprint``, else the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def parse_weights(text: str | None, n: int, default: float = 1.0) -> list[float]
         raise AdapterHubError(f"--weights gives {len(weights)} weight(s) for {n} adapter(s)",
                               "give one weight per adapter, in the same order")
     for w in weights:
-        if w != w or w in (float("inf"), float("-inf")):
+        if not math.isfinite(w):
             raise AdapterHubError(f"--weights {text!r}: weights must be finite numbers")
     return weights
 
@@ -94,9 +95,9 @@ def provenance_fingerprint(folder: Path) -> str | None:
 
 
 def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
-    from ..refs import resolve_adapter
-
     import torch
+
+    from ..refs import resolve_adapter
 
     folder, record = resolve_adapter(str(ref), registry_home)
     folder = Path(folder)

@@ -104,7 +104,7 @@ class Reader:
         if fh is None:
             for old in list(self._fh):  # one shard open at a time; reads go shard by shard
                 self._fh.pop(old).close()
-            fh = self._fh[path] = open(path, "rb", buffering=0)
+            fh = self._fh[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
         return fh
 
     def begin(self, info: TensorInfo) -> None:

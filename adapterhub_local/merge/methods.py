@@ -58,7 +58,7 @@ def module_generator(seed: int, module: str, index: int) -> torch.Generator:
 def magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the round(density·n) largest-magnitude entries (ties broken by position), zero the rest."""
     n = t.numel()
-    k = int(round(density * n))
+    k = round(density * n)
     if k >= n:
         return t.clone()
     out = torch.zeros_like(t)
