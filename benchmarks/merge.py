@@ -163,7 +163,8 @@ m.save_pretrained(sys.argv[3])
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--repeat", type=int, default=1, help="repeat our runs, keep the best wall time")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="repeat cp and our runs, keep the best wall time (the machine may be shared)")
     args = ap.parse_args()
 
     bd = bench_dir()
@@ -190,10 +191,14 @@ def main() -> None:
         env = {"ADAPTERS_PROGRESS": "0"}
         run("cp -r", ["cp", "-r", str(base), "{out}"], repeat=args.repeat)
         cold_cache = work / "cold-cache"
-        for i in range(args.repeat):
+        cold = None
+        for _ in range(args.repeat):  # a fresh cache each time: the fingerprint is hashed while merging
             shutil.rmtree(cold_cache, ignore_errors=True)
             run("ours x1 (cold fingerprint)", [ADAPTERS, "merge", str(base), str(adapters[0]), "--out", "{out}"],
                 {**env, "ADAPTERS_CACHE": str(cold_cache)})
+            r = results["ours x1 (cold fingerprint)"]
+            cold = r if cold is None or r[0] < cold[0] else (cold[0], max(cold[1], r[1]))
+        results["ours x1 (cold fingerprint)"] = cold
         run("ours x1", [ADAPTERS, "merge", str(base), str(adapters[0]), "--out", "{out}"], env, args.repeat)
         run("ours x8", [ADAPTERS, "merge", str(base), *map(str, adapters), "--out", "{out}"], env, args.repeat)
         if not args.skip_peft:

@@ -61,6 +61,8 @@ def _show(report, as_json: bool) -> None:
         return
     s = report.summary
     rows = [["operation", report.operation], ["output", report.output]]
+    if report.inputs:
+        rows.append(["inputs", ", ".join(f"{i['ref']} x{i['weight']:g}" for i in report.inputs)])
     if report.method:
         via = s.get("via")
         rows.append(["method", report.method + (f" (via {via})" if via and via != report.method else "")])
