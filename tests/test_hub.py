@@ -335,6 +335,14 @@ def test_server_down(hub_env, adapter_dir, capsys, monkeypatch):
     assert "cannot reach the Hub" in line
 
 
+def test_xet_against_an_lfs_only_hub_says_what_to_set(hub_env, adapter_dir, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # hf_xet is installed: it would be used
+    line = fails(capsys, "push", str(adapter_dir), "alice/xet")
+    assert "does not speak the Xet transfer protocol" in line and "HF_HUB_DISABLE_XET=1" in line
+
+
 def test_offline_mode_is_reported(hub_env, adapter_dir, capsys, monkeypatch):
     from huggingface_hub import constants
 

@@ -85,6 +85,13 @@ class HubServerError(HubError):
                          RERUN_HINT if resumable else "try again later")
 
 
+class XetUnsupported(HubError):
+    def __init__(self, endpoint: str, detail: str):
+        self.endpoint = endpoint
+        super().__init__(f"the Hub at {endpoint} does not speak the Xet transfer protocol ({detail})",
+                         "set HF_HUB_DISABLE_XET=1 before running adapters, to upload through git-LFS instead")
+
+
 class NotALoraRepo(HubError):
     def __init__(self, repo_id: str, revision: str, problem: str):
         self.repo_id = repo_id
@@ -166,6 +173,11 @@ def translate(err: BaseException, *, step: str, repo_id: str, endpoint: str, use
         if status >= 500:
             return HubServerError(endpoint, step, status, detail, resumable)
         return HubError(f"the Hub at {endpoint} refused {step} (HTTP {status}{': ' + detail if detail else ''})")
+    if isinstance(err, ConnectionError) and "xet" in str(err).lower():
+        # hf_xet (the Rust client) reports a Hub without Xet endpoints as a plain ConnectionError
+        return XetUnsupported(endpoint, _first_line(str(err)))
+    if isinstance(err, ConnectionError):
+        return HubUnreachable(endpoint, step, _first_line(str(err)) or type(err).__name__, resumable)
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         return HubError(f"the Hub refused the model card: {_first_line(str(err).split(chr(10), 1)[-1])}",
                         "fix the YAML header of your --card template")
