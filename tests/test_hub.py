@@ -263,6 +263,16 @@ def test_private_repo_is_invisible_without_token(hub_env, adapter_dir, capsys, m
     assert "pulled" in ok("pull", "alice/secret", "--token", ALICE)
 
 
+def test_private_push_never_lands_in_a_public_repo(hub_env, adapter_dir, capsys):
+    ok("push", str(adapter_dir), "alice/was-public")
+    head = hub_env.head("alice/was-public")
+    (adapter_dir.parent / "card2.md").write_text("# secret notes")
+    line = fails(capsys, "push", str(adapter_dir), "alice/was-public", "--private", "--card",
+                 str(adapter_dir.parent / "card2.md"))
+    assert "already exists and is public" in line
+    assert hub_env.head("alice/was-public") == head
+
+
 def test_token_errors(hub_env, adapter_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     line = fails(capsys, "push", str(adapter_dir), "alice/x")

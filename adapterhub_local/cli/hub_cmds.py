@@ -21,7 +21,8 @@ def _quiet_hf() -> None:
 @click.command()
 @click.argument("ref_or_dir", metavar="REF_OR_DIR")
 @click.argument("repo_id", metavar="REPO_ID")
-@click.option("--private", is_flag=True, help="Create the repo private (ignored if it already exists).")
+@click.option("--private", is_flag=True, help="Create the repo private; refused (nothing sent) when it exists "
+              "and is public.")
 @click.option("--revision", metavar="BRANCH", help="Push to this branch (created from main if missing).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--commit-message", metavar="TEXT", help="Commit title (default: what was uploaded).")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import AdapterHubError
 from .common import check_online, client, endpoint, resolve_token, validate_repo_id
-from .errors import NoToken, hub_errors
+from .errors import HubError, NoToken, hub_errors
 from .provenance import PROVENANCE_NAME, build_provenance, dumps
 from .source import Source, hub_id_or_none, payload_files, recipe_inputs, resolve_source
 
@@ -203,7 +203,12 @@ def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, r
         with hub_errors("branch creation", repo_id, ep, user=user):
             api.create_branch(repo_id, branch=rev, exist_ok=True)
     with hub_errors("reading the current head", repo_id, ep, user=user, revision=rev):
-        before = api.repo_info(repo_id, revision="main" if create_pr else rev).sha
+        current = api.repo_info(repo_id, revision="main" if create_pr else rev)
+    before = current.sha
+    if private and current.private is False:
+        # create_repo ignores `private` for an existing repo: never publish what was meant to be private
+        raise HubError(f"{repo_id} already exists and is public; --private cannot change that, nothing was "
+                       "uploaded", "make the repo private in its settings first, or push to a new repo")
     with hub_errors("upload", repo_id, ep, user=user, resumable=True, revision=rev):
         info = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=commit_message,
                                  revision=None if create_pr else rev, create_pr=create_pr or None)
