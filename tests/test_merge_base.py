@@ -87,6 +87,12 @@ def test_equals_peft_merge_and_unload_and_logits(llama, adapter, tmp_path):
 def test_streamed_fingerprint_equals_fingerprint_model(llama, adapter, tmp_path, monkeypatch):
     report = merge_into_base(llama, resolve_inputs([str(adapter)]), tmp_path / "m", progress=False)
     assert report.fingerprint["source"] == "computed while streaming"
+    # the second merge reuses the cached fingerprint (untouched tensors then go through the
+    # kernel's copy_file_range instead of our buffers) and writes the very same bytes
+    again = merge_into_base(llama, resolve_inputs([str(adapter)]), tmp_path / "m2", progress=False)
+    assert again.fingerprint["source"] == "cache" and again.fingerprint["base"] == report.fingerprint["base"]
+    for f in (tmp_path / "m").iterdir():
+        assert f.read_bytes() == (tmp_path / "m2" / f.name).read_bytes(), f.name
     monkeypatch.setenv("ADAPTERS_CACHE", str(tmp_path / "other-cache"))  # force a fresh hash
     assert report.fingerprint["base"] == fingerprint_model(llama, use_cache=False).fingerprint
 

@@ -80,6 +80,7 @@ class Buffers:
         self.pending: dict[str, list[list]] = {"raw": [[], []], "blk": [[], []], "chunk": [[], []]}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
         self._wb_file, self._wb_from, self._wb_pending = None, 0, 0
+        self.kernel_copy = hasattr(os, "copy_file_range")
         self.compute_slots = list(range(max(threads, 1) - 1))
         self.compute = ThreadPoolExecutor(threads - 1, thread_name_prefix="matmul") if threads > 1 else None
 
@@ -105,9 +106,13 @@ class Buffers:
             piece = view[i : i + WRITE_PIECE]
             while piece:
                 piece = piece[os.write(fd, piece):]
+        self._account(fh, view.nbytes)
+
+    def _account(self, fh, nbytes: int) -> None:
+        fd = fh.fileno()
         if self._wb_file is not fh:
             self._wb_file, self._wb_from, self._wb_pending = fh, 0, 0
-        self._wb_pending += len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._wb_pending += nbytes
         if self._wb_pending >= WRITEBACK and hasattr(os, "posix_fadvise"):
             pos = os.lseek(fd, 0, os.SEEK_CUR)
             try:
@@ -115,6 +120,31 @@ class Buffers:
             except OSError:
                 pass
             self._wb_from, self._wb_pending = pos, 0
+
+    def copy_range(self, fh, path: str, start: int, size: int) -> None:
+        """On the writer thread: append bytes [start, start+size) of ``path`` to ``fh``."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            off, left, copied = start, size, 0
+            while left:
+                n = 0
+                if self.kernel_copy:
+                    try:
+                        n = os.copy_file_range(fd, fh.fileno(), left, off)
+                        copied += n
+                    except OSError:  # another filesystem, an old kernel: plain reads and writes
+                        self.kernel_copy = False
+                if not n:
+                    data = os.pread(fd, min(CHUNK, left), off)
+                    if not data:
+                        raise AdapterHubError(f"{path}: ends early (truncated file?)")
+                    self._write(fh, data)
+                    n = len(data)
+                off += n
+                left -= n
+        finally:
+            os.close(fd)
+        self._account(fh, copied)
 
     def addmm(self, blk: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
         """blk += alpha · left @ right. With threads > 1, a large stacked rank (real compute) is
@@ -161,9 +191,15 @@ def block_rows(shape) -> tuple[int, int, int]:
 
 def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, bufs: Buffers) -> None:
     info = t.source
+    size = info.end - info.start
+    if hasher is None and bufs.kernel_copy:
+        # nothing to hash: let the kernel copy the bytes (copy_file_range), as cp does
+        reader.begin(info)
+        bufs.hold("chunk", 0, bufs.writer.submit(bufs.copy_range, fh, info.file, info.start, size))
+        reader.end(info)
+        return
     reader.begin(info)
     h = hasher.start(info) if hasher else None
-    size = info.end - info.start
     pos = 0
     k = 0
     while pos < size:
