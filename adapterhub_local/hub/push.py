@@ -136,9 +136,15 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
                               "the branch directly without --create-pr")
     if revision is not None and not revision.strip():
         raise AdapterHubError("--revision is empty")
+    ep = endpoint()
+    tok = None
+    if not dry_run:  # fail fast, before fingerprinting a large model
+        check_online()
+        tok = resolve_token(token)
+        if not tok:
+            raise NoToken(ep)
     src = resolve_source(ref, registry_home)
     bases = base_models_for(src, base_model)
-    ep = endpoint()
     record = src.record
     result = PushResult(repo_id=repo_id, endpoint=ep, kind=src.kind, dry_run=dry_run, private=private,
                         revision=revision or "main", base_models=bases,
@@ -150,22 +156,18 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
         result.staged_dir = str(out)
         return result
 
-    check_online()
-    tok = resolve_token(token)
-    if not tok:
-        raise NoToken(ep)
     work = Path(tempfile.mkdtemp(prefix="adapters-push-"))
     try:
         staged = work / "repo"
         result.files = stage(src, staged, repo_id, template=card_template, base_models=bases, copy=False)
-        result.commit_id, result.commit_url, result.pr_url, result.unchanged, result.url = _upload(
+        result.commit_id, result.commit_url, result.pr_url, pr_revision, result.unchanged, result.url = _upload(
             staged, repo_id, ep, tok, private=private, revision=revision, create_pr=create_pr,
             commit_message=commit_message or _default_message(src),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if result.pr_url:
-        result.revision = f"refs/pr/{result.pr_url.rstrip('/').rsplit('/', 1)[-1]}"
+    if pr_revision:
+        result.revision = pr_revision
     if record is not None:
         record_hub(registry_home, record.ref, repo_id, result.revision, result.commit_id)
     return result
@@ -215,4 +217,4 @@ def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, r
     unchanged = info.oid == before and not info.pr_url
     if rev != "main" and not create_pr:
         url = f"{url}/tree/{rev}"
-    return info.oid, info.commit_url, info.pr_url, unchanged, url
+    return info.oid, info.commit_url, info.pr_url, info.pr_revision, unchanged, url
