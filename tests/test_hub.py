@@ -485,6 +485,9 @@ def test_pull_detects_files_changed_after_publication(hub_env, models, adapter_d
 
 def test_pull_unknown_revision_and_repo(hub_env, adapter_dir, capsys):
     ok("push", str(adapter_dir), "alice/revs")
+    hub_env.clear_requests()
+    assert "bad adapter name 'no/slash'" in fails(capsys, "pull", "alice/revs", "--name", "no/slash")
+    assert hub_env.requests == []
     assert "revision 'nope' not found" in fails(capsys, "pull", "alice/revs@nope")
     assert "alice/missing not found" in fails(capsys, "pull", "alice/missing")
 

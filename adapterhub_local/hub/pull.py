@@ -114,9 +114,6 @@ def check_against_base(adapter, base_dir: Path) -> None:
 def same_adapter(reg, name: str, hashes: dict[str, str]):
     """The version of ``name`` whose adapter config and weights are exactly these bytes (a push
     of it coming back, whose other files, like the README, differ), as not new; else None."""
-    from ..registry.core import check_name
-
-    check_name(name)
     for rec in reg.list(name=name, limit=None):
         if all(rec.files.get(f) == hashes.get(f) for f in ADAPTER_FILES):
             rec.is_new = False
@@ -135,8 +132,10 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
 
     from ..paths import registry_home as home
     from ..peft_format import load_adapter
+    from ..registry.core import check_name
 
     repo_id, revision = split_repo_spec(spec)
+    name = check_name(name or default_name(repo_id))  # before any download
     base_dir = Path(base).expanduser() if base is not None else None
     if base_dir is not None and not base_dir.is_dir():
         raise AdapterHubError(f"{base_dir}: --base must be a model folder")
@@ -219,9 +218,9 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
             "published_as": published.get("ref"), "lineage": lineage, "adapterhub": prov,
         }
         kwargs = {"base_dir": base_dir} if base_dir is not None else {"base_fingerprint": base_fp}
-        rec = same_adapter(reg, name or default_name(repo_id), hashes)
+        rec = same_adapter(reg, name, hashes)
         if rec is None:
-            rec = reg.register(folder, name or default_name(repo_id), metrics=metrics or None,
+            rec = reg.register(folder, name, metrics=metrics or None,
                                note=f"pulled from {ep}/{repo_id}@{commit[:12]}", parents=tuple(linked),
                                provenance=provenance, **kwargs)
         from .push import record_hub
