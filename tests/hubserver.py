@@ -570,6 +570,7 @@ class _Dropped(Exception):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # snapshot_download opens several connections at once
 
     def handle_error(self, request, client_address):
         # a client that hangs up mid-answer (an aborted upload) is normal here, not a server bug
