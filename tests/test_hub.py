@@ -227,6 +227,10 @@ def test_push_branch_and_pull_request(hub_env, adapter_dir):
     assert hub_env.head("alice/branchy", "refs/pr/1") == res["commit_id"]
     assert hub_env.head("alice/branchy") == main_head
 
+    pulled = json.loads(ok("pull", "alice/branchy@refs/pr/1", "--json"))
+    assert pulled["commit_id"] == res["commit_id"] and pulled["revision"] == "refs/pr/1"
+    assert json.loads(ok("pull", "alice/branchy@exp", "--json"))["commit_id"] == hub_env.head("alice/branchy", "exp")
+
 
 def test_push_of_a_registered_folder_is_recorded_on_its_version(hub_env, base_dir, adapter_dir):
     rec = register(adapter_dir, "support", base_dir)
