@@ -335,6 +335,14 @@ def test_recipe_replay_is_byte_identical(llama, adapter, tmp_path):
     assert names == sorted(p.name for p in again.iterdir())
     for name in names:
         assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    # a base that moved: replay on it by giving BASE_DIR; its fingerprint must still match
+    moved = tmp_path / "moved-base"
+    shutil.copytree(llama, moved)
+    res = CliRunner().invoke(cli, ["merge", str(moved), "--recipe", str(first / "recipe.yaml"),
+                                   "--out", str(tmp_path / "moved")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for f in first.glob("model-*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "moved" / f.name).read_bytes()
     # a changed input is refused, not silently replayed
     other = make_peft_adapter(llama, tmp_path / "other", seed=10, r=2)
     shutil.copy(other / "adapter_model.safetensors", b / "adapter_model.safetensors")

@@ -140,18 +140,21 @@ def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, 
       adapters merge support legal --into-adapter --method cat --out ./combo --register combo
       adapters merge a b c --into-adapter --method ties --density 0.3 --rank 16 --out ./ties
       adapters merge --recipe ./merged/recipe.yaml --out ./again
+      adapters merge /new/place/of/base --recipe ./merged/recipe.yaml --out ./again
     """
     from ..errors import AdapterHubError
     from ..merge.inputs import parse_weights, resolve_inputs
 
     home = app.registry_home
     if recipe_path:
-        if args:
-            raise click.UsageError("--recipe replays a recipe: give no BASE_DIR or REF with it")
+        if len(args) > 1:
+            raise click.UsageError("--recipe replays a recipe: give no REF with it (one BASE_DIR at most, "
+                                   "to replay on a base that moved; its fingerprint must still match)")
         from ..merge.recipe import load_recipe, replay
 
         recipe = load_recipe(recipe_path)
-        report = replay(recipe, out, overwrite=overwrite, registry_home=home, progress=not as_json)
+        report = replay(recipe, out, overwrite=overwrite, registry_home=home, progress=not as_json,
+                        base_dir=args[0] if args else None)
         _show(report, as_json)
         return
     if not args:

@@ -94,6 +94,8 @@ def replay(recipe: dict, out, *, overwrite: bool = False, registry_home=None, ba
 
     op = recipe["operation"]
     params = recipe.get("parameters") or {}
+    if base_dir is not None and op == "merge_adapters":
+        raise AdapterHubError("this recipe combines adapters; it has no base model to replace")
     if op == "extract":
         from .extract import extract_lora
 
