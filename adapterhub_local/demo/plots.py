@@ -103,8 +103,18 @@ def curves(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
     return {k: sorted(v) for k, v in out.items() if v}
 
 
-def plot_training(logs: dict[str, str | Path], out: str | Path) -> Path | None:
-    """Training curves: one line per adapter and loss metric (train solid, eval dashed)."""
+def _ema(values: list[float], alpha: float = 0.2) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def plot_training(logs: dict[str, str | Path], out: str | Path,
+                  start: dict[str, float] | None = None) -> Path | None:
+    """Training curves, one colour per adapter: train loss (faint raw, solid smoothed)
+    and eval loss (dashed, dots). ``start`` gives an eval loss at step 0 (the base's)."""
     if not have_matplotlib():
         return None
     fig = _figure()
@@ -112,19 +122,25 @@ def plot_training(logs: dict[str, str | Path], out: str | Path) -> Path | None:
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     drawn = 0
     for i, (label, path) in enumerate(logs.items()):
+        color = colors[i % len(colors)]
         for metric, points in curves(read_metrics_log(path)).items():
             if metric.startswith("best"):
                 continue
-            style = "--" if "eval" in metric else "-"
-            marker = "o" if "eval" in metric else None
-            ax.plot([p[0] for p in points], [p[1] for p in points], ls=style, marker=marker,
-                    ms=3, color=colors[i % len(colors)], label=f"{label}: {metric}")
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            if "eval" in metric:
+                if start and label in start:
+                    xs, ys = [0.0, *xs], [start[label], *ys]
+                ax.plot(xs, ys, ls="--", marker="o", ms=4, color=color, label=f"{label}: {metric}")
+            else:
+                ax.plot(xs, ys, lw=0.6, alpha=0.3, color=color)
+                ax.plot(xs, _ema(ys), color=color, label=f"{label}: {metric} (smoothed)")
             drawn += 1
     if not drawn:
         return None
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Training curves of the domain adapters")
+    title = "Training curves of the domain adapters"
+    ax.set_title(title + (" (eval at step 0 = the base)" if start else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, out)

@@ -195,7 +195,8 @@ def step_sweep(story: Story, refs, files, rows) -> None:
     logs = {d: Path("runs") / d / "metrics.jsonl" for d in DOMAINS}
     story.out("")
     story.note("training curves from each run's metrics.jsonl (train loss per step, eval loss dashed)")
-    written = plot_training({d: p for d, p in logs.items() if p.is_file()}, "plots/training.png")
+    start = {d: loss[(BASE_VAR, d)] for d in DOMAINS if (BASE_VAR, d) in loss}
+    written = plot_training({d: p for d, p in logs.items() if p.is_file()}, "plots/training.png", start)
     if written:
         story.summary["training_plot"] = str(Path(written).resolve())
         story.out(f"plot written to {Path(written).resolve()}")

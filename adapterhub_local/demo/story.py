@@ -31,8 +31,8 @@ DOMAINS = ("arithmetic", "recipes", "code")
 class Sizes:
     n_train: int = 600
     n_eval: int = 80
-    steps: int = 60
-    eval_every: int = 20
+    steps: int = 150
+    eval_every: int = 25
     rank: int = 8
     alpha: float = 16.0
     lr: float = 3e-3
@@ -183,7 +183,8 @@ def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = 
     story.summary.update({"workdir": str(wd), "base": str(base_dir), "base_info": base_info,
                           "quick": quick, "base_seconds": round(time.perf_counter() - t0, 1)})
     registry = wd / "registry"
-    with _in_workdir(wd, registry):
+    threads = contextlib.nullcontext() if base else demo_base.one_thread()
+    with _in_workdir(wd, registry), threads:
         out(f"$ cd {wd}")
         out(f"$ export ADAPTERS_HOME=$PWD/registry BASE={base_dir}")
         from .steps import run_steps
