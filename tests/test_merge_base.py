@@ -376,3 +376,27 @@ def test_reads_sharded_index(llama):
     with safe_open(str(min(llama.glob("model-*.safetensors"))), "pt") as f:
         assert f.keys()
     assert (llama / "model.safetensors.index.json").is_file()
+
+
+def test_write_failure_is_one_line_and_leaves_nothing(llama, adapter, tmp_path, monkeypatch, capsys):
+    import errno
+    import os as _os
+
+    import adapterhub_local.merge.stream as st
+
+    real = _os.write
+    calls = {"n": 0}
+
+    def full_disk(fd, data):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(st.os, "write", full_disk)
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(llama), str(adapter), "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)

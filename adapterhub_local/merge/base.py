@@ -201,6 +201,11 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
             (tmp / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             (tmp / "README.md").write_text(
                 merged_model_card(config, base_dir, inputs, recipe, report.warnings, found), encoding="utf-8")
+    except OSError as e:  # disk full, permissions: the temp dir is gone, say why in one line
+        if e.filename and str(e.filename).startswith(str(base_dir)):
+            raise AdapterHubError(f"{e.filename}: cannot read ({e.strerror})") from None
+        raise AdapterHubError(f"{out}: cannot write the merged model ({e.strerror or e})",
+                              "check free space and permissions; nothing was left behind") from None
     finally:
         if pbar is not None:
             pbar.close()
