@@ -198,8 +198,20 @@ def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, r
     api = client(token)
     with hub_errors("authentication", repo_id, ep):
         user = api.whoami().get("name")
-    with hub_errors("repo creation", repo_id, ep, user=user):
-        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    # look before creating: an existing repo needs no create call (which, for a repo the
+    # token cannot create in, costs a 403 and a second lookup inside huggingface_hub)
+    exists = True
+    with hub_errors("repo lookup", repo_id, ep, user=user):
+        try:
+            api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            exists = False
+    if not exists:
+        with hub_errors("repo creation", repo_id, ep, user=user):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+    url = f"{ep}/{repo_id}"
     rev = revision or "main"
     if rev != "main" and not create_pr:
         with hub_errors("branch creation", repo_id, ep, user=user):
