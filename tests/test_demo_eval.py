@@ -209,3 +209,33 @@ def test_corpus_is_deterministic_and_domains_differ():
     words = {d: set(" ".join(corpus.generate(d, 200, 0)).split()) for d in corpus.DOMAINS}
     assert len(words["arithmetic"] & words["code"]) < 0.5 * len(words["code"])
     assert corpus.number_words(123) == "one hundred twenty three"
+
+
+def test_registry_ref_finds_its_base_and_checks_the_fingerprint(world, tmp_path, capsys):
+    from adapterhub_local.registry import open_registry
+
+    import shutil
+
+    # an adapter whose config names no local base: the registry's base table must find it
+    shutil.copytree(world["a"], tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/not-local"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    reg = open_registry()  # $ADAPTERS_HOME from the autouse fixture
+    reg.register(tmp_path / "a", "alpha", base_dir=world["base"])
+    rows = evaluate_refs(["alpha"], [world["da"]])
+    direct = evaluate_refs([str(world["a"])], [world["da"]], base=world["base"])
+    assert rows[0]["loss"] == pytest.approx(direct[0]["loss"], abs=1e-6)
+    assert rows[0]["base"] == str(world["base"])
+    other = make_llama(tmp_path / "other", seed=9)
+    make_tokenizer(other, WORDS)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "alpha", "--base", str(other), "--data", str(world["da"])])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "fingerprint mismatch" in err and len(err.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["eval", "alpha", "--base", str(other), "--data", str(world["da"]),
+                                 "--force", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)[0]["base"] == str(other)
+    assert "warning: alpha was trained on" in r.stderr

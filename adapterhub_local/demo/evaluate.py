@@ -330,6 +330,21 @@ def _provenance_fingerprint(folder: Path) -> str | None:
     return None
 
 
+def _registered_base(fingerprint: str, registry_home=None) -> Path | None:
+    """A local folder the registry knows for this base fingerprint, if one still exists."""
+    from ..registry import open_registry
+
+    try:
+        bases = open_registry(registry_home).base_models()
+    except Exception:  # noqa: BLE001 - an older registry without the table: no hint
+        return None
+    for row in bases:
+        path = row.get("name_or_path")
+        if row.get("fingerprint") == fingerprint and path and is_model_dir(Path(path)):
+            return Path(path)
+    return None
+
+
 def resolve_target(ref: str, base: str | Path | None = None, registry_home=None,
                    force: bool = False, warn=None) -> Target:
     """A model folder, a PEFT folder, or a registry reference, with the base it needs."""
@@ -344,6 +359,9 @@ def resolve_target(ref: str, base: str | Path | None = None, registry_home=None,
     folder, record = resolve_adapter(ref, registry_home)
     adapter = load_adapter(folder)
     base_dir = Path(base).expanduser() if base else None
+    expected = getattr(record, "base_fingerprint", None) or _provenance_fingerprint(Path(folder))
+    if base_dir is None and expected and record is not None:
+        base_dir = _registered_base(expected, registry_home)
     if base_dir is None:
         hinted = adapter.base_model
         if hinted and is_model_dir(Path(hinted)):
@@ -353,7 +371,6 @@ def resolve_target(ref: str, base: str | Path | None = None, registry_home=None,
                               "pass --base MODEL_DIR")
     if not is_model_dir(base_dir):
         raise InvalidModel(base_dir, "not a model folder (need config.json and model.safetensors)")
-    expected = getattr(record, "base_fingerprint", None) or _provenance_fingerprint(Path(folder))
     if expected:
         from ..errors import BaseMismatch
         from ..fingerprint import fingerprint_model
