@@ -239,3 +239,17 @@ def test_registry_ref_finds_its_base_and_checks_the_fingerprint(world, tmp_path,
     assert r.exit_code == 0
     assert json.loads(r.stdout)[0]["base"] == str(other)
     assert "warning: alpha was trained on" in r.stderr
+
+
+def test_messages_loss_on_assistant_turns_only(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}w9 {{ m['content'] }} "
+                         "w8 {% else %}w7 {{ m['content'] }} w8 {% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}w9 {% endif %}")
+    msgs = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4"}]
+    (ids, labels), = encode(tok, [{"messages": msgs}])
+    words = tok.convert_ids_to_tokens(ids)
+    assert words == ["w7", "w1", "w2", "w8", "w9", "w3", "w4", "w8"]
+    assert [w for w, lb in zip(words, labels) if lb != -100] == ["w3", "w4", "w8"]

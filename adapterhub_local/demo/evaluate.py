@@ -117,17 +117,18 @@ def encode(tokenizer, records: list[dict], seq_len: int = 512) -> list[tuple[lis
 
 
 def _encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """The trainer's split of a rendered conversation (so both compute the same loss):
+    loss on the assistant turns only."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("data has \"messages\" but the tokenizer has no chat template")
+    from ..trainer.data import chat_segments
+
     ids: list[int] = []
     labels: list[int] = []
-    for i, msg in enumerate(messages):
-        prefix = list(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
-        if isinstance(prefix, dict) or hasattr(prefix, "keys"):
-            prefix = list(prefix["input_ids"])
-        new = prefix[len(ids):]
-        ids = prefix
-        labels += new if msg.get("role") == "assistant" else [-100] * len(new)
+    for text, is_assistant in chat_segments(tokenizer, messages, "messages"):
+        seg = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids += seg
+        labels += seg if is_assistant else [-100] * len(seg)
     return ids, labels
 
 
