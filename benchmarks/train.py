@@ -6,7 +6,7 @@ vocab 32000: ~56M parameters, float32) with a word-level tokenizer (one token pe
 word, so lengths are exact) and two synthetic corpora from a fixed Markov chain:
 
   uniform   every example exactly --seq-len tokens
-  mixed     lengths spread uniformly over 16..--seq-len tokens
+  mixed     lengths spread uniformly over 16..--mixed-max (512) tokens
 
 Each run is a fresh subprocess (so peak RSS is its own), 2 torch threads, LoRA
 r=16 / alpha=32 / dropout 0.05 on q_proj,v_proj, batch --batch x --seq-len,
@@ -88,7 +88,7 @@ def _sentence(rng: random.Random, words: int) -> str:
     return " ".join(out)
 
 
-def build_data(folder: Path, seq_len: int, n: int) -> None:
+def build_data(folder: Path, seq_len: int, mixed_max: int, n: int) -> None:
     rng = random.Random(0)
     # BOS + words + EOS = tokens
     with open(folder / "uniform.jsonl", "w") as f:
@@ -96,7 +96,7 @@ def build_data(folder: Path, seq_len: int, n: int) -> None:
             f.write(json.dumps({"text": _sentence(rng, seq_len - 2)}) + "\n")
     with open(folder / "mixed.jsonl", "w") as f:
         for _ in range(n * 2):
-            f.write(json.dumps({"text": _sentence(rng, rng.randint(16, seq_len) - 2)}) + "\n")
+            f.write(json.dumps({"text": _sentence(rng, rng.randint(16, mixed_max) - 2)}) + "\n")
     with open(folder / "eval.jsonl", "w") as f:
         for _ in range(16):
             f.write(json.dumps({"text": _sentence(rng, rng.randint(64, seq_len) - 2)}) + "\n")
@@ -269,7 +269,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=256, help="uniform rows; eval lengths 64..this")
+    ap.add_argument("--mixed-max", type=int, default=512,
+                    help="mixed data: lengths uniform over 16..this; --seq-len for those runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["uniform", "mixed"])
     ap.add_argument("--with-bf16", action="store_true",
@@ -287,10 +289,10 @@ def main() -> None:
     if not base.exists():
         print(f"building {base} ...", file=sys.stderr)
         build_base(base)
-    data = root / f"data-{o.seq_len}"
+    data = root / f"data-{o.seq_len}-{o.mixed_max}-{o.steps * o.batch}"
     if not (data / "eval.jsonl").exists():
         data.mkdir(exist_ok=True)
-        build_data(data, o.seq_len, n=max(64, o.steps * o.batch * 2))
+        build_data(data, o.seq_len, o.mixed_max, n=max(64, o.steps * o.batch * 2))
     import torch  # noqa: F401  (after the children's env is settled)
     from transformers import AutoConfig
 
@@ -298,8 +300,8 @@ def main() -> None:
     peak = measure_matmul_peak(o.threads)
     print(f"base: TinyLlama-shaped, {n_params / 1e6:.1f}M matmul parameters; float32 matmul peak on "
           f"{o.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
-    print(f"LoRA r=16 q,v; batch {o.batch} x {o.seq_len}; {o.steps} steps; fp32; {o.threads} threads\n",
-          flush=True)
+    print(f"LoRA r=16 q,v; batch {o.batch}; uniform rows of {o.seq_len} tokens, mixed 16..{o.mixed_max}; "
+          f"{o.steps} steps; fp32; {o.threads} threads\n", flush=True)
     del AutoConfig
     common = {"base": str(base), "eval": str(data / "eval.jsonl"), "steps": o.steps, "batch": o.batch,
               "seq_len": o.seq_len, "threads": o.threads, "out": str(root / "out")}
@@ -312,7 +314,7 @@ def main() -> None:
             results[("uniform", "ours+bf16")] = _show("uniform", "ours+bf16",
                                                       run_child("ours", {**u, "bf16": True}), n_params, peak)
     if o.only in (None, "mixed"):
-        m = {**common, "data": str(data / "mixed.jsonl")}
+        m = {**common, "data": str(data / "mixed.jsonl"), "seq_len": o.mixed_max}
         runs = [("trainer", m), ("ours+pack", {**m, "packing": True}), ("ours+group", {**m, "group": True})]
         for kind, args in runs:
             results[("mixed", kind)] = _show("mixed", kind, run_child(kind.split("+")[0], args), n_params, peak)

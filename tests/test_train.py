@@ -422,6 +422,24 @@ def test_completion_data_trains_and_gpt2(tmp_path, gpt2_base, corpus):
     assert r.metrics["steps"] == 2 and math.isfinite(r.metrics["train_loss"])
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_trains_qwen2_and_mistral_on_chat_messages(tmp_path, arch):
+    from peft import PeftModel
+
+    folder = make_base(tmp_path / arch, arch)
+    rows = [{"messages": [{"role": "user", "content": t[:8]}, {"role": "assistant", "content": t[8:] or "x"}]}
+            for t in _texts(24)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    r = train(cfg(folder, data, tmp_path / "out", targets="all-linear", max_steps=3, lr=5e-2))
+    ids = input_ids(vocab=64)
+    model = load_model(folder)
+    with torch.no_grad():
+        with adapter_applied(model, load_adapter(r.out)):
+            ours = model(ids).logits
+        theirs = PeftModel.from_pretrained(load_model(folder), r.out).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_grad_accum_split_does_not_change_the_step(tmp_path, base, corpus):
     # global batch 8 as 1 x 8 or 4 x 2: the same gradient, up to float rounding
     a = train(cfg(base, corpus / "text.jsonl", tmp_path / "a", batch_size=8, grad_accum=1,
