@@ -59,8 +59,7 @@ def test_demo_runs_the_whole_story(demo_run):
 def test_demo_printed_numbers_are_consistent(demo_run):
     wd, result = demo_run
     rows = {r[0]: r for r in _table(result.output, "MODEL ")}
-    header = result.output.splitlines()[[i for i, line in enumerate(result.output.splitlines())
-                                          if line.startswith("MODEL ")][0]]
+    header = next(line for line in result.output.splitlines() if line.startswith("MODEL "))
     domains = [w.lower() for w in re.findall(r"(\w+) LOSS", header)]
     assert domains == ["arithmetic", "recipes", "code"]
     loss = {m: dict(zip(domains, map(float, r[2:5]))) for m, r in rows.items()}

@@ -14,8 +14,14 @@ from tiny import load_model, make_gpt2, make_llama, make_peft_adapter
 from adapterhub_local.cli import cli, main
 from adapterhub_local.demo import corpus
 from adapterhub_local.demo.base import make_tokenizer
-from adapterhub_local.demo.evaluate import (Evaluator, applied, encode, eval_loss, evaluate_refs,
-                                            read_jsonl)
+from adapterhub_local.demo.evaluate import (
+    Evaluator,
+    applied,
+    encode,
+    eval_loss,
+    evaluate_refs,
+    read_jsonl,
+)
 from adapterhub_local.peft_format import load_adapter
 
 WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = the tiny models' vocab of 64
@@ -212,9 +218,9 @@ def test_corpus_is_deterministic_and_domains_differ():
 
 
 def test_registry_ref_finds_its_base_and_checks_the_fingerprint(world, tmp_path, capsys):
-    from adapterhub_local.registry import open_registry
-
     import shutil
+
+    from adapterhub_local.registry import open_registry
 
     # an adapter whose config names no local base: the registry's base table must find it
     shutil.copytree(world["a"], tmp_path / "a")

@@ -129,7 +129,6 @@ def pretraining_texts(spec: BaseSpec) -> list[str]:
 
 def build_base(out: Path, spec: BaseSpec = DEFAULT, log=print) -> dict:
     """Build, pre-train and save the demo base into ``out`` (atomic); returns its info dict."""
-    import torch
 
     with one_thread():
         return _build_base(out, spec, log)

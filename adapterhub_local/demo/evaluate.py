@@ -57,13 +57,10 @@ def read_jsonl(path: str | Path, max_examples: int | None = None) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
-            if isinstance(rec.get("text"), str):
-                pass
-            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-                pass
-            elif isinstance(rec.get("messages"), list) and rec["messages"]:
-                pass
-            else:
+            text_ok = isinstance(rec.get("text"), str)
+            pc_ok = isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)
+            chat_ok = isinstance(rec.get("messages"), list) and bool(rec["messages"])
+            if not (text_ok or pc_ok or chat_ok):
                 raise DataError(f"{path}:{lineno}: expected a \"text\" string, \"prompt\" + "
                                 "\"completion\" strings, or a \"messages\" list")
             records.append(rec)
@@ -78,8 +75,7 @@ def data_label(path: str | Path) -> str:
     """``data/arithmetic.eval.jsonl`` -> ``arithmetic``."""
     name = Path(path).name
     for suffix in (".jsonl", ".json", ".eval", ".valid", ".test", ".train"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+        name = name.removesuffix(suffix)
     return name or Path(path).name
 
 
@@ -100,10 +96,10 @@ def encode(tokenizer, records: list[dict], seq_len: int = 512) -> list[tuple[lis
     eos = tokenizer.eos_token_id
     out = []
     for rec in records:
-        if "text" in rec:
+        if isinstance(rec.get("text"), str):
             ids = _ids(tokenizer, rec["text"], True) + ([eos] if eos is not None else [])
             labels = list(ids)
-        elif "prompt" in rec:
+        elif isinstance(rec.get("prompt"), str):
             p = _ids(tokenizer, rec["prompt"], True)
             c = _ids(tokenizer, rec["completion"], False) + ([eos] if eos is not None else [])
             ids, labels = p + c, [-100] * len(p) + c
@@ -192,19 +188,15 @@ def load_model(path: str | Path, tokenizer_from: str | Path | None = None):
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except Exception as e:  # transformers raises many types for bad folders
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad folders
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InvalidModel(path, f"cannot load as a causal LM ({msg})") from None
     model.eval()
     tokenizer = None
     for source in (path, tokenizer_from):
-        if source is None:
-            continue
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
-            break
-        except Exception:  # noqa: BLE001 - no tokenizer there; try the next place
-            continue
+        if source is not None and tokenizer is None:
+            with contextlib.suppress(Exception):  # no tokenizer there: try the next place
+                tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer is None:
         raise InvalidModel(path, "no tokenizer found", "the model folder (or --base) needs tokenizer files")
     return model, tokenizer
@@ -379,7 +371,9 @@ def resolve_target(ref: str, base: str | Path | None = None, registry_home=None,
         found = fingerprint_model(base_dir).fingerprint
         if found != expected:
             if not force:
-                raise BaseMismatch(expected, found)
+                err = BaseMismatch(expected, found)
+                err.hint = "give the base the adapter was trained on, or --force to evaluate anyway"
+                raise err
             if warn:
                 warn(f"warning: {ref} was trained on {expected}, evaluating on {found} (--force)")
     return Target(ref=ref, kind="adapter", path=Path(folder), base=base_dir, record=record,

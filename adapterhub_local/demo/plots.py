@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 PLOT_HINT = "matplotlib is not installed: no plot written (pip install 'adapterhub-local[plot]')"
@@ -40,6 +41,9 @@ def _save(fig, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buf.getvalue(), fsync=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # a plot is for sharing, not a private temp file
     return out
 
 

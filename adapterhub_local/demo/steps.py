@@ -216,8 +216,8 @@ def step_push(story: Story, refs) -> None:
     if card.is_file():
         story.summary["dry_run_dir"] = str(Path("push-dry-run").resolve())
         story.out("")
-        story.out("$ head -n 30 push-dry-run/README.md")
-        story.out("\n".join(card.read_text(encoding="utf-8").splitlines()[:30]))
+        story.out("$ head -n 40 push-dry-run/README.md")
+        story.out("\n".join(card.read_text(encoding="utf-8").splitlines()[:40]))
 
 
 def step_verify(story: Story) -> None:

@@ -11,7 +11,6 @@ and timings also go to ``demo-summary.json`` in the work dir.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import tempfile
