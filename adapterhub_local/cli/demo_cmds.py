@@ -136,7 +136,9 @@ def sweep_cmd(app, a, b, base, data_a, data_b, steps, plot, batch_size, seq_len,
               help="Use this local Hugging Face causal LM instead of the embedded demo base.")
 @click.option("--quick", is_flag=True, help="Tiny sizes and few steps (about a minute; used by the tests).")
 @click.option("--rebuild-base", is_flag=True, help="Pre-train the embedded demo base again, ignoring the cache.")
-def demo_cmd(workdir, base, quick, rebuild_base):
+@click.option("--steps", type=click.IntRange(1), help="Training steps per adapter (default 150; "
+              "24 with --quick). Fewer keeps a big --base affordable on a CPU.")
+def demo_cmd(workdir, base, quick, rebuild_base, steps):
     """Run the whole story offline on a small model, printing each step as the
     command you would type and its real output.
 
@@ -150,11 +152,12 @@ def demo_cmd(workdir, base, quick, rebuild_base):
     Examples:
       adapters demo                       # a few minutes on 2 CPU cores
       adapters demo --workdir ./demo-run  # keep everything here
+      adapters demo --base ./my-llama --steps 40   # your own model instead
       adapters --registry ./demo-run/registry list   # then explore
     """
     from ..demo.story import run_demo
 
-    run_demo(workdir=workdir, base=base, quick=quick, rebuild_base=rebuild_base)
+    run_demo(workdir=workdir, base=base, quick=quick, rebuild_base=rebuild_base, steps=steps)
 
 
 COMMANDS = [demo_cmd, eval_cmd, sweep_cmd]

@@ -154,12 +154,20 @@ def prepare_workdir(workdir: str | Path | None) -> Path:
 
 
 def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = False,
-             out=click.echo) -> dict:
-    """Run the story; returns the summary (also written to WORKDIR/demo-summary.json)."""
+             out=click.echo, steps: int | None = None) -> dict:
+    """Run the story; returns the summary (also written to WORKDIR/demo-summary.json).
+
+    ``steps`` overrides the training steps per adapter (e.g. fewer on a big --base)."""
+    from dataclasses import replace
+
     from . import base as demo_base
     from .evaluate import is_model_dir
 
     sizes = QUICK if quick else FULL
+    if steps is not None:
+        if steps < 1:
+            raise DemoError(f"--steps must be at least 1, got {steps}")
+        sizes = replace(sizes, steps=steps, eval_every=max(1, steps // 4))
     wd = prepare_workdir(workdir)
     out(f"adapterhub-local demo: everything below runs offline in {wd}")
     t0 = time.perf_counter()
@@ -190,6 +198,11 @@ def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = 
 
         run_steps(story)
     story.summary["seconds"] = round(time.perf_counter() - t0, 1)
+    marks = story.summary["steps"]
+    story_total = time.perf_counter() - story._t0
+    for i, st in enumerate(marks):
+        end = marks[i + 1]["t"] if i + 1 < len(marks) else story_total
+        st["seconds"] = round(end - st["t"], 1)
     from ..fsutil import atomic_write_json
 
     atomic_write_json(wd / "demo-summary.json", story.summary, fsync=False)
@@ -208,6 +221,9 @@ def _epilogue(story: Story, registry: Path) -> None:
         f"{sum(c['ok'] for c in s['checks'])} passed; {len(s['skipped'])} step(s) skipped)")
     for msg in s["skipped"]:
         out(f"  {msg}")
+    if s["steps"]:
+        parts = [f"base {s['base_seconds']:.0f} s"] + [f"{st['n']}: {st['seconds']:.1f} s" for st in s["steps"]]
+        out("time per step:   " + ", ".join(parts))
     out(f"work dir:        {story.workdir}")
     out(f"registry:        {registry}")
     for key, label in (("sweep_plot", "sweep plot:"), ("training_plot", "training plot:")):
