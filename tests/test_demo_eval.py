@@ -259,3 +259,30 @@ def test_messages_loss_on_assistant_turns_only(world):
     words = tok.convert_ids_to_tokens(ids)
     assert words == ["w7", "w1", "w2", "w8", "w9", "w3", "w4", "w8"]
     assert [w for w, lb in zip(words, labels) if lb != -100] == ["w3", "w4", "w8"]
+
+
+def test_applied_lora_bias_and_modules_to_save_match_peft(world, tmp_path):
+    ad = make_peft_adapter(world["base"], tmp_path / "mts", seed=5, lora_bias=True,
+                           target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"])
+    adapter = load_adapter(ad)
+    assert "lm_head.weight" in adapter.extra and any(m.bias is not None for m in adapter.modules.values())
+    model = load_model(world["base"])
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with applied(model, [(adapter, 1.0)]):
+        ours = model(input_ids=x).logits
+    ref = _peft_model(world["base"], ad)(input_ids=x).logits
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # two adapters replacing the same tensor cannot both win
+    from adapterhub_local.errors import InvalidAdapter
+
+    with pytest.raises(InvalidAdapter, match="replaced by two adapters"), applied(model, [(adapter, 1.0), (adapter, 1.0)]):
+        pass
+    assert torch.allclose(model(input_ids=x).logits, load_model(world["base"])(input_ids=x).logits)
+
+
+def test_eval_options_max_examples_and_seq_len(world):
+    full = evaluate_refs([str(world["base"])], [world["da"]])[0]
+    few = evaluate_refs([str(world["base"])], [world["da"]], max_examples=3)[0]
+    short = evaluate_refs([str(world["base"])], [world["da"]], seq_len=4)[0]
+    assert full["examples"] == 12 and few["examples"] == 3
+    assert short["tokens"] == 3 * 12 and full["tokens"] > short["tokens"]

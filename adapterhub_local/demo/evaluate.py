@@ -236,6 +236,7 @@ def applied(model, adapters: list[tuple[object, float]]):
     retie = _untie_if_needed(model, keys)
     state = model.state_dict(keep_vars=True)
     saved: dict[str, torch.Tensor] = {}
+    added_bias: list = []
 
     def target(key: str, where):
         if key not in state:
@@ -261,6 +262,16 @@ def applied(model, adapters: list[tuple[object, float]]):
                     bd = m.bias_delta(w)
                     if bd is None:
                         continue
+                    if m.bias_key not in state:
+                        # lora_bias on a layer without a bias: PEFT adds s·b in forward, so
+                        # give the layer a zero bias for the duration (removed on exit)
+                        layer = model.get_submodule(m.name)
+                        if getattr(layer, "bias", 0) is not None:
+                            target(m.bias_key, where)  # no bias slot at all: a foreign adapter
+                        layer.bias = torch.nn.Parameter(torch.zeros_like(bd, dtype=param.dtype),
+                                                        requires_grad=False)
+                        added_bias.append(layer)
+                        state[m.bias_key] = layer.bias
                     bias = target(m.bias_key, where)
                     saved.setdefault(m.bias_key, bias.detach().clone())
                     bias.add_(bd.to(bias.dtype))
@@ -281,6 +292,8 @@ def applied(model, adapters: list[tuple[object, float]]):
         with torch.no_grad():
             for key, original in saved.items():
                 state[key].copy_(original)
+        for layer in added_bias:
+            layer.bias = None
         if retie:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
