@@ -132,3 +132,23 @@ def test_training_curves_from_a_metrics_log(tmp_path):
     assert c == {"loss": [(1.0, 3.0), (2.0, 2.5)], "eval_loss": [(2.0, 2.7)]}
     out = plots.plot_training({"x": log}, tmp_path / "t.png")
     assert out is not None and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_crashing_verb_fails_its_step_not_the_story(tmp_path, monkeypatch):
+    import click as _click
+
+    from adapterhub_local.demo.story import QUICK, Story
+
+    @_click.command("boom")
+    def boom():
+        raise KeyError("oops")
+
+    monkeypatch.setitem(cli.commands, "boom", boom)
+    lines = []
+    story = Story(workdir=tmp_path, base=tmp_path, sizes=QUICK, out=lines.append)
+    story.heading("a step")
+    assert story.run(["boom"]) is False
+    assert lines[-1].startswith("error: internal error KeyError") and "--debug" in lines[-1]
+    expected = ("step 1 failed: adapters boom: internal error KeyError: 'oops' "
+                "(run `adapters --debug demo` for the traceback)")
+    assert story.summary["failed"] == [expected]

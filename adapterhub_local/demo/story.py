@@ -111,6 +111,11 @@ class Story:
             return self._failed(args, e.format_message())
         except AdapterHubError as e:
             return self._failed(args, str(e))
+        except Exception as e:  # a bug in one verb should not hide the rest of the story
+            if _debug():
+                raise
+            return self._failed(args, f"internal error {type(e).__name__}: {e} "
+                                "(run `adapters --debug demo` for the traceback)")
         return True
 
     def _failed(self, args: list[str], why: str) -> bool:
@@ -118,6 +123,12 @@ class Story:
         self.out(f"error: {why}")
         self.summary["failed"].append(msg)
         return False
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return bool(getattr(obj, "debug", False)) or os.environ.get("ADAPTERS_DEBUG") == "1"
 
 
 def _app_context():
