@@ -152,3 +152,13 @@ def test_a_crashing_verb_fails_its_step_not_the_story(tmp_path, monkeypatch):
     expected = ("step 1 failed: adapters boom: internal error KeyError: 'oops' "
                 "(run `adapters --debug demo` for the traceback)")
     assert story.summary["failed"] == [expected]
+
+
+def test_demo_base_must_be_a_model_with_a_tokenizer(tmp_path, capsys, llama_dir):
+    for base, needle in ((tmp_path, "not a model folder"), (llama_dir, "has no tokenizer files")):
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", "--base", str(base), "--workdir", str(tmp_path / f"wd-{needle[:3]}")])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / f"wd-{needle[:3]}").exists()  # nothing created for a bad call

@@ -179,13 +179,17 @@ def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = 
         if steps < 1:
             raise DemoError(f"--steps must be at least 1, got {steps}")
         sizes = replace(sizes, steps=steps, eval_every=max(1, steps // 4))
-    wd = prepare_workdir(workdir)
-    out(f"adapterhub-local demo: everything below runs offline in {wd}")
-    t0 = time.perf_counter()
     if base:
         base_dir = Path(base).expanduser().resolve()
         if not is_model_dir(base_dir):
             raise DemoError(f"{base_dir}: not a model folder", "need config.json and model.safetensors")
+        if not any((base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise DemoError(f"{base_dir}: has no tokenizer files",
+                            "the demo trains on text: the base needs tokenizer.json (or tokenizer.model)")
+    wd = prepare_workdir(workdir)
+    out(f"adapterhub-local demo: everything below runs offline in {wd}")
+    t0 = time.perf_counter()
+    if base:
         base_info = {"name": base_dir.name, "user_supplied": True}
         out(f"# base: your model {base_dir}")
     else:
