@@ -1,0 +1,123 @@
+"""Apply LoRA adapters to a loaded model in memory, exactly, and put the weights back.
+
+Each adapted module's weight becomes W + Σ wᵢ·ΔWᵢ, ΔW = s·B·A from ``peft_format``
+(orientation handled by ``LoraModule.delta``), summed in one float32 product
+(``lora.stacked_delta``); ``lora_B.bias``, ``modules_to_save`` and tied embeddings
+behave as in PEFT. Used by ``adapters eval`` and ``adapters sweep``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..errors import InvalidAdapter, ShapeMismatch
+
+
+def _untie_if_needed(model, keys: set[str]) -> bool:
+    """Give lm_head its own weight when an adapter touches one half of a tied pair,
+    as PEFT does: a LoRA on embed_tokens does not change a tied lm_head, and back."""
+    import torch
+
+    out_emb = model.get_output_embeddings()
+    in_emb = model.get_input_embeddings()
+    if out_emb is None or in_emb is None or out_emb.weight is not in_emb.weight:
+        return False
+    tied = {n for n, p in model.state_dict(keep_vars=True).items() if p is in_emb.weight}
+    if not tied & keys:
+        return False
+    out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
+    return True
+
+
+@contextlib.contextmanager
+def applied(model, adapters: list[tuple[object, float]]):
+    """Within the block, ``model`` computes with W + Σ wᵢ·ΔWᵢ for every adapted module.
+
+    ``adapters`` are (LoraAdapter, weight) pairs. The deltas of all adapters on a
+    module are summed in one float32 product; the original weights come back on exit.
+    ``modules_to_save`` tensors replace the base tensor (two adapters replacing the
+    same tensor is an error).
+    """
+    import torch
+
+    keys: set[str] = set()
+    for adapter, _ in adapters:
+        keys.update(m.weight_key for m in adapter.modules.values())
+        keys.update(adapter.extra)
+    retie = _untie_if_needed(model, keys)
+    state = model.state_dict(keep_vars=True)
+    saved: dict[str, torch.Tensor] = {}
+    added_bias: list = []
+
+    def target(key: str, where):
+        if key not in state:
+            raise InvalidAdapter(where, f"targets {key}, which the model does not have",
+                                 "this adapter was trained for a different base model")
+        return state[key]
+
+    try:
+        with torch.no_grad():
+            by_module: dict[str, list] = {}
+            for adapter, w in adapters:
+                for name, mod in adapter.modules.items():
+                    by_module.setdefault(name, []).append((mod, float(w), adapter.path))
+            for name, items in by_module.items():
+                mod0 = items[0][0]
+                param = target(mod0.weight_key, items[0][2])
+                if tuple(param.shape) != tuple(mod0.delta_shape):
+                    raise ShapeMismatch(name, param.shape, mod0.delta_shape, str(items[0][2] or ""))
+                delta = _stacked([(m, w) for m, w, _ in items])
+                saved.setdefault(mod0.weight_key, param.detach().clone())
+                param.add_(delta.to(param.dtype))
+                for m, w, where in items:
+                    bd = m.bias_delta(w)
+                    if bd is None:
+                        continue
+                    if m.bias_key not in state:
+                        # lora_bias on a layer without a bias: PEFT adds s·b in forward, so
+                        # give the layer a zero bias for the duration (removed on exit)
+                        layer = model.get_submodule(m.name)
+                        if getattr(layer, "bias", 0) is not None:
+                            target(m.bias_key, where)  # no bias slot at all: a foreign adapter
+                        layer.bias = torch.nn.Parameter(torch.zeros_like(bd, dtype=param.dtype),
+                                                        requires_grad=False)
+                        added_bias.append(layer)
+                        state[m.bias_key] = layer.bias
+                    bias = target(m.bias_key, where)
+                    saved.setdefault(m.bias_key, bias.detach().clone())
+                    bias.add_(bd.to(bias.dtype))
+            replaced: dict[str, object] = {}
+            for adapter, _ in adapters:
+                for key, tensor in adapter.extra.items():
+                    if key in replaced:
+                        raise InvalidAdapter(adapter.path, f"{key} is replaced by two adapters "
+                                             f"({replaced[key]} and {adapter.path})")
+                    param = target(key, adapter.path)
+                    if tuple(param.shape) != tuple(tensor.shape):
+                        raise ShapeMismatch(key, param.shape, tensor.shape, str(adapter.path or ""))
+                    replaced[key] = adapter.path
+                    saved.setdefault(key, param.detach().clone())
+                    param.copy_(tensor.to(param.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for key, original in saved.items():
+                state[key].copy_(original)
+        for layer in added_bias:
+            layer.bias = None
+        if retie:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def _stacked(items):
+    from ..lora import stacked_delta
+
+    mods = [m for m, _ in items]
+    if len({(m.delta_shape, m.transposed) for m in mods}) == 1:
+        return stacked_delta(items)
+    # mixed orientation cannot share one product; sum in float32 instead
+    total = None
+    for m, w in items:
+        d = m.delta(w)
+        total = d if total is None else total + d
+    return total
