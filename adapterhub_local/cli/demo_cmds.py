@@ -33,7 +33,8 @@ def eval_table(rows: list[dict]) -> str:
 @click.option("--base", type=click.Path(file_okay=False),
               help="Base model folder that adapters are applied to (default: the adapter's "
               "base_model_name_or_path when it is a local folder).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+              help="Examples per forward pass (does not change the loss, only speed and memory).")
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2),
               help="Truncate each example to this many tokens.")
 @click.option("--max-examples", type=click.IntRange(1), help="Use only the first N examples of each file.")
@@ -79,14 +80,17 @@ def sweep_table(res) -> str:
 @click.command("sweep")
 @click.argument("a")
 @click.argument("b")
-@click.option("--base", type=click.Path(file_okay=False), help="Base model folder.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="Base model folder (default: the one the registry or the adapters' config names).")
 @click.option("--data-a", required=True, type=click.Path(dir_okay=False), help="Eval JSONL for A's domain.")
 @click.option("--data-b", required=True, type=click.Path(dir_okay=False), help="Eval JSONL for B's domain.")
 @click.option("--steps", default=11, show_default=True, type=click.IntRange(2, 1001),
               help="Number of t values from 0 to 1.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), help="Write a PNG plot of the curves.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+              help="Examples per forward pass (does not change the loss, only speed and memory).")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(2),
+              help="Truncate each example to this many tokens.")
 @click.option("--max-examples", type=click.IntRange(1), help="Use only the first N examples of each file.")
 @click.option("--force", is_flag=True, help="Ignore a base fingerprint mismatch.")
 @json_option
