@@ -162,3 +162,23 @@ def test_demo_base_must_be_a_model_with_a_tokenizer(tmp_path, capsys, llama_dir)
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / f"wd-{needle[:3]}").exists()  # nothing created for a bad call
+
+
+def test_base_cache_hit_and_a_concurrent_builder(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from adapterhub_local.demo import base as demo_base
+
+    monkeypatch.setenv("ADAPTERS_CACHE", str(tmp_path / "cache"))
+    spec = replace(demo_base.QUICK, name="t", steps=3, n_texts=200, hidden=16, intermediate=32)
+    first, info, cached = demo_base.ensure_base(spec, log=lambda m: None)
+    assert not cached and info["pretrained_loss"] < info["random_init_loss"]
+    again, info2, cached2 = demo_base.ensure_base(spec, log=lambda m: None)
+    assert cached2 and again == first and info2 == info
+    # a second builder finishing late keeps the first one's folder untouched
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    logs = []
+    assert demo_base.build_base(first, spec, log=logs.append) == info
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    assert "another run cached the demo base first" in logs[-1]
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging leftovers

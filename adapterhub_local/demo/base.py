@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -208,10 +210,20 @@ def _build_base(out: Path, spec: BaseSpec, log) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its "Writing model shards" bar ignores our quiet mode
-    with atomic_dir(out, overwrite=True) as tmp:
+    staged = out.with_name(f".{out.name}.build-{os.getpid()}")
+    with atomic_dir(staged, overwrite=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    try:
+        os.rename(staged, out)  # fails if another run finished first: keep theirs, never
+    except OSError:             # swap a folder that run may be reading from
+        shutil.rmtree(staged, ignore_errors=True)
+        theirs = base_info(out)
+        if theirs is None:
+            raise
+        log(f"another run cached the demo base first; using {out}")
+        return theirs
     log(f"demo base pre-trained in {seconds:.0f} s: held-out loss {final_loss:.3f} "
         f"(random init {random_loss:.3f}); cached at {out}")
     return info
@@ -239,5 +251,7 @@ def ensure_base(spec: BaseSpec = DEFAULT, rebuild: bool = False, log=print) -> t
     info = base_info(out)
     if info is not None and not rebuild and (out / "config.json").is_file():
         return out, info, True
+    if out.exists():  # --rebuild-base, or a folder without its info file
+        shutil.rmtree(out)
     info = build_base(out, spec, log=log)
     return out, info, False
