@@ -156,6 +156,7 @@ def test_cli_eval_table_and_json(world):
     (["eval", "{base}", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
     (["eval", "{base}", "--data", "{nokey}"], "nokey.jsonl:1: expected a \"text\""),
     (["eval", "{root}/missing", "--data", "{da}"], "no such file"),
+    (["eval", "{root}", "--data", "{da}"], "neither a model folder"),
     (["eval", "{base}", "--data", "{root}/none.jsonl"], "none.jsonl: no such file"),
     (["sweep", "{a}", "{base}", "--base", "{base}", "--data-a", "{da}", "--data-b", "{db}"],
      "sweep interpolates two adapters"),

@@ -253,6 +253,9 @@ def resolve_target(ref: str, base: str | Path | None = None, registry_home=None,
         return Target(ref=ref, kind="model", path=path)
     if path.exists() and not path.is_dir():
         raise InvalidAdapter(path, "not a directory", "give a model folder, a PEFT folder or a registry ref")
+    if path.is_dir() and not is_adapter_dir(path):
+        raise InvalidModel(path, "neither a model folder (config.json + model.safetensors) nor a PEFT "
+                           "adapter folder (adapter_config.json)")
     folder, record = resolve_adapter(ref, registry_home)
     adapter = load_adapter(folder)
     base_dir = Path(base).expanduser() if base else None
