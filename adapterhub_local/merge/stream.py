@@ -1,9 +1,11 @@
 """The streaming pipeline of a merge into a base: read, hash, compute, write.
 
 Two of every buffer, allocated once at the largest row block any tensor needs, so
-reading (pread on the main thread), hashing (one thread), the float32 arithmetic
-(main thread) and writing (one writer thread, in order) overlap; a buffer is
-reused only after the hash and write threads are done with it.
+hashing (one thread) overlaps reading, the float32 arithmetic and writing (the
+main thread); a buffer is reused only after the hash thread is done with it.
+Writes stay on the main thread: a writer thread was measured slower on a shared
+2-core machine (every 256 KiB write() must win the GIL back from the main thread),
+and it burned more CPU.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ def _stack(deltas: list[tuple[LoraModule, float]], transposed: bool):
 
 class Buffers:
     """Buffers allocated once (at the largest row block any tensor needs) and reused, two of
-    each so reading, arithmetic, hashing and writing overlap; a buffer is reused only after the
-    hash and write threads are done with it. Writes go through one writer thread, in order."""
+    each so hashing overlaps the rest; a buffer is reused only after the hash thread is done
+    with it."""
 
     def __init__(self, max_raw: int, max_block: int, max_out: int, threads: int = 1):
         self.raw = [torch.empty(max(max_raw, 1), dtype=torch.uint8) for _ in range(2)]
@@ -77,8 +79,7 @@ class Buffers:
         self.f32 = [torch.empty(max(max_block, 1), dtype=torch.float32) for _ in range(2)]
         self.out = [torch.empty(max(max_out, 1), dtype=torch.uint8) for _ in range(2)]
         self.chunks = [bytearray(CHUNK), bytearray(CHUNK)]
-        self.pending: dict[str, list[list]] = {"raw": [[], []], "blk": [[], []], "chunk": [[], []]}
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="writer")
+        self.pending: dict[str, list[list]] = {"raw": [[], []], "chunk": [[], []]}
         self._wb_file, self._wb_from, self._wb_pending = None, 0, 0
         self.kernel_copy = hasattr(os, "copy_file_range")
         self.compute_slots = list(range(max(threads, 1) - 1))
@@ -94,10 +95,10 @@ class Buffers:
             self.pending[kind][k].append(fut)
 
     def write(self, fh, data):
-        return self.writer.submit(self._write, fh, data)
+        self._write(fh, data)
 
     def _write(self, fh, data) -> None:
-        """On the writer thread. Every WRITEBACK bytes, start the kernel's writeback of what
+        """Write in pieces. Every WRITEBACK bytes, start the kernel's writeback of what
         is written so far (fadvise DONTNEED, Linux): the final fsync that makes the output
         durable then finds little left to do, and the output does not crowd the page cache."""
         fd = fh.fileno()
@@ -122,7 +123,7 @@ class Buffers:
             self._wb_from, self._wb_pending = pos, 0
 
     def copy_range(self, fh, path: str, start: int, size: int) -> None:
-        """On the writer thread: append bytes [start, start+size) of ``path`` to ``fh``."""
+        """Append bytes [start, start+size) of ``path`` to ``fh``."""
         fd = os.open(path, os.O_RDONLY)
         try:
             off, left, copied = start, size, 0
@@ -163,7 +164,7 @@ class Buffers:
             f.result()
 
     def drain(self, quiet: bool = False) -> None:
-        """Wait for every pending hash and write (before a file is closed)."""
+        """Wait for every pending hash of a buffer (before a file is closed or on an error)."""
         for kind in self.pending:
             for k in (0, 1):
                 try:
@@ -172,11 +173,8 @@ class Buffers:
                     if not quiet:
                         raise
                     self.pending[kind][k] = []
-        fut = self.writer.submit(lambda: None)
-        fut.result()
 
     def close(self) -> None:
-        self.writer.shutdown(wait=True, cancel_futures=True)
         if self.compute is not None:
             self.compute.shutdown(wait=True)
 
@@ -195,7 +193,7 @@ def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, bufs: B
     if hasher is None and bufs.kernel_copy:
         # nothing to hash: let the kernel copy the bytes (copy_file_range), as cp does
         reader.begin(info)
-        bufs.hold("chunk", 0, bufs.writer.submit(bufs.copy_range, fh, info.file, info.start, size))
+        bufs.copy_range(fh, info.file, info.start, size)
         reader.end(info)
         return
     reader.begin(info)
@@ -209,7 +207,7 @@ def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, bufs: B
         reader.read_into(info, view, pos)
         if hasher:
             bufs.hold("chunk", k, hasher.update(h, view))
-        bufs.hold("chunk", k, bufs.write(fh, view))
+        bufs.write(fh, view)
         pos += n
         k ^= 1
     if hasher:
@@ -283,7 +281,6 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
         r1 = min(rows, r0 + block)
         n = (r1 - r0) * row
         bufs.claim("raw", k)  # the hash thread may still read this buffer
-        bufs.claim("blk", k)  # the writer may still read this block
         view = bufs.raw_views[k][: n * src_item]
         reader.read_into(info, view, r0 * row * src_item)
         if hasher:
@@ -307,7 +304,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
             if out_t == torch.float16 and not bool(torch.isfinite(data).all()):
                 raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
                                       "use --dtype bfloat16 or float32, or smaller weights")
-        bufs.hold("blk", k, bufs.write(fh, data.reshape(-1).view(torch.uint8).numpy()))
+        bufs.write(fh, data.reshape(-1).view(torch.uint8).numpy())
         k ^= 1
     if hasher:
         hasher.finish(info.name, h)
