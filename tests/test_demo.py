@@ -42,8 +42,8 @@ def test_demo_runs_the_whole_story(demo_run):
     wd, result = demo_run
     out = result.output
     assert result.exit_code == 0, out[-3000:]
-    for verb in ("fingerprint", "train", "list", "show", "stack", "interpolate", "merge", "eval",
-                 "sweep", "verify"):
+    for verb in ("fingerprint", "train", "list", "alias", "show", "stack", "interpolate", "merge",
+                 "eval", "log-metric", "sweep", "verify"):
         assert f"$ adapters {verb} " in out or f"$ adapters {verb}\n" in out, verb
     if "push" in cli.commands:
         assert "$ adapters push " in out and (wd / "push-dry-run" / "README.md").is_file()
@@ -72,6 +72,9 @@ def test_demo_printed_numbers_are_consistent(demo_run):
     sweep = _table(result.output, "T ")
     assert float(sweep[0][1]) == loss["arithmetic"]["arithmetic"]
     assert float(sweep[-1][2]) == loss["recipes"]["recipes"]
+    # the registry, queried by the logged cross-domain losses, finds the recipes adapter
+    beat = _table(result.output.split("$ adapters list --where")[1].split("\n", 1)[1], "NAME ")
+    assert "recipes" in [r[0] for r in beat] and "code" not in [r[0] for r in beat]
     summary = json.loads((wd / "demo-summary.json").read_text())
     assert summary["checks"] and all(c["ok"] for c in summary["checks"])
     assert not summary["failed"]

@@ -140,7 +140,24 @@ def step_eval(story: Story, refs, files) -> list[dict]:
         story.check("merged model equals base + stacked adapters applied in memory", diff <= EVAL_TOL,
                     f"max |Δloss| = {diff:.1e} over {len(DOMAINS)} domains")
     _check_trainer_eval(story, refs, loss)
+    _record_metrics(story, refs, loss)
     return rows
+
+
+def _record_metrics(story: Story, refs, loss) -> None:
+    """Log every registered adapter's loss on every domain, then query the registry by it."""
+    if not story.available("register") or not story.available("log-metric"):
+        return
+    story.out("")
+    d = DOMAINS[1]
+    story.note(f"record the table in the registry, then ask it which adapters beat the base on {d}")
+    registered = [refs[d] for d in DOMAINS] + [refs[k] for k in ("stack", "interp", "svd") if k in refs]
+    for ref in registered:
+        pairs = [f"{dom}_loss={loss[(ref, dom)]:.4f}" for dom in DOMAINS if (ref, dom) in loss]
+        if pairs and not story.run(["log-metric", ref, *pairs]):
+            return
+    story.out("")
+    story.run(["list", "--where", f"{d}_loss<{loss[(BASE_VAR, d)]:.4f}", "--sort", f"{d}_loss"])
 
 
 def _check_trainer_eval(story: Story, refs, loss) -> None:
