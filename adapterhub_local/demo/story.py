@@ -217,7 +217,7 @@ def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = 
     story_total = time.perf_counter() - story._t0
     for i, st in enumerate(marks):
         end = marks[i + 1]["t"] if i + 1 < len(marks) else story_total
-        st["seconds"] = round(end - st["t"], 1)
+        st["seconds"] = round(max(0.0, end - st["t"]), 1)
     from ..fsutil import atomic_write_json
 
     atomic_write_json(wd / "demo-summary.json", story.summary, fsync=False)
