@@ -110,7 +110,8 @@ class LoraLayer(nn.Module):
         h = self.lora_dropout(x)
         if h.dtype != a.dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(a.dtype)
-        lora = self.lora_B(self.lora_A(h)) * self.scale
+        # s·B(A x) with s applied to the r-wide intermediate: same product, r/out of the work
+        lora = self.lora_B(self.lora_A(h) * self.scale)
         return result + lora.to(result.dtype)
 
     def extra_repr(self) -> str:
