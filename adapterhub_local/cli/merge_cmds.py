@@ -113,12 +113,10 @@ def _show(report, as_json: bool) -> None:
 @click.option("--register", "register_name", metavar="NAME", help="Record the result (and its lineage) in the registry.")
 @click.option("--force", is_flag=True, help="Merge even if the base fingerprint does not match (noted in the card).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically, when complete).")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="Threads for the B·A products of many stacked adapters (more helps only on an idle machine).")
 @json_option
 @click.pass_obj
 def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, rank, density, seed,
-          recipe_path, register_name, force, overwrite, threads, as_json):
+          recipe_path, register_name, force, overwrite, as_json):
     """Merge LoRA adapters into a base model, or into a new adapter.
 
     Into a base (streamed shard by shard, float32 math, one cast at the end):
@@ -190,7 +188,7 @@ def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, 
 
     inputs = resolve_inputs(refs, parse_weights(weights, len(refs)), home)
     report = merge_into_base(base, inputs, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                             overwrite=overwrite, progress=not as_json, threads=threads)
+                             overwrite=overwrite, progress=not as_json)
     _register(app, report, out, register_name, inputs, adapter=False)
     _show(report, as_json)
 

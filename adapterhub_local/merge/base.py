@@ -55,8 +55,7 @@ from .stream import Buffers, Hasher, block_rows, compute_tensor, copy_tensor
 def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | None = "auto",
                     max_shard_size: str | int = "5GB", force: bool = False, overwrite: bool = False,
                     recipe: dict | None = None, progress: bool = True, notify=stderr_notify,
-                    reader: Reader | None = None, expect_base: str | None = None,
-                    threads: int = 1) -> MergeReport:
+                    reader: Reader | None = None, expect_base: str | None = None) -> MergeReport:
     """Stream ``base_dir`` into ``out`` with every input's delta added. Returns the report.
 
     ``recipe`` (from :func:`adapterhub_local.merge.recipe.merge_recipe`) is written as
@@ -129,10 +128,10 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
             max_raw = max(max_raw, block * row * ITEMSIZE[t.source.dtype])
             if t.dtype != "F32":
                 max_out = max(max_out, block * row * ITEMSIZE[t.dtype])
-    bufs = Buffers(max_raw, max_block, max_out, threads=max(1, int(threads or 1)))
-    # Element-wise passes are memory-bound: one thread does them as fast as two, and on a
-    # busy machine OpenMP's barrier makes two threads several times slower. Products of a
-    # large stacked rank (many adapters) are split over our own threads (_Buffers.addmm).
+    bufs = Buffers(max_raw, max_block, max_out)
+    # One thread for torch: the element-wise passes are memory-bound, and on a shared machine
+    # OpenMP's spinning barrier made two threads 4-10x slower than one, even for the rank-128
+    # products of eight stacked adapters (our own row split over two threads was worse still).
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     reader = reader or Reader()
@@ -209,7 +208,6 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     finally:
         if pbar is not None:
             pbar.close()
-        bufs.close()
         torch.set_num_threads(saved_threads)
         reader.close()
         if hasher.pool is not None:

@@ -26,7 +26,6 @@ from .report import MergeReport
 CHUNK = 1024 * 1024  # copy / hash granularity for untouched tensors
 WRITE_PIECE = 256 * 1024
 WRITEBACK = 64 * 1024 * 1024  # start writeback of the output every 64 MiB
-MATMUL_SPLIT_MIN_RANK = 64  # below this stacked rank a product is memory-bound: one thread
 BLOCK_ELEMS = 1024 * 1024  # elements per row block (4 MiB in float32)
 
 
@@ -73,7 +72,7 @@ class Buffers:
     each so hashing overlaps the rest; a buffer is reused only after the hash thread is done
     with it."""
 
-    def __init__(self, max_raw: int, max_block: int, max_out: int, threads: int = 1):
+    def __init__(self, max_raw: int, max_block: int, max_out: int):
         self.raw = [torch.empty(max(max_raw, 1), dtype=torch.uint8) for _ in range(2)]
         self.raw_views = [memoryview(r.numpy()) for r in self.raw]
         self.f32 = [torch.empty(max(max_block, 1), dtype=torch.float32) for _ in range(2)]
@@ -82,8 +81,6 @@ class Buffers:
         self.pending: dict[str, list[list]] = {"raw": [[], []], "chunk": [[], []]}
         self._wb_file, self._wb_from, self._wb_pending = None, 0, 0
         self.kernel_copy = hasattr(os, "copy_file_range")
-        self.compute_slots = list(range(max(threads, 1) - 1))
-        self.compute = ThreadPoolExecutor(threads - 1, thread_name_prefix="matmul") if threads > 1 else None
 
     def claim(self, kind: str, k: int) -> None:
         for f in self.pending[kind][k]:
@@ -147,22 +144,6 @@ class Buffers:
             os.close(fd)
         self._account(fh, copied)
 
-    def addmm(self, blk: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
-        """blk += alpha · left @ right. With threads > 1, a large stacked rank (real compute) is
-        split by rows over our own threads, each op single-threaded: OpenMP's spinning barrier
-        is several times slower than one thread when the machine is shared. Measured on a busy
-        2-core box, even our split lost to one thread (60-100 vs 20-30 GFLOP/s): default 1."""
-        rows = blk.shape[0]
-        if left.shape[1] < MATMUL_SPLIT_MIN_RANK or self.compute is None or rows < 2:
-            blk.addmm_(left, right, alpha=alpha)
-            return
-        step = -(-rows // (len(self.compute_slots) + 1))
-        futs = [self.compute.submit(blk[i : i + step].addmm_, left[i : i + step], right, alpha=alpha)
-                for i in range(step, rows, step)]
-        blk[:step].addmm_(left[:step], right, alpha=alpha)
-        for f in futs:
-            f.result()
-
     def drain(self, quiet: bool = False) -> None:
         """Wait for every pending hash of a buffer (before a file is closed or on an error)."""
         for kind in self.pending:
@@ -173,10 +154,6 @@ class Buffers:
                     if not quiet:
                         raise
                     self.pending[kind][k] = []
-
-    def close(self) -> None:
-        if self.compute is not None:
-            self.compute.shutdown(wait=True)
 
 
 def block_rows(shape) -> tuple[int, int, int]:
@@ -202,7 +179,7 @@ def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, bufs: B
     k = 0
     while pos < size:
         n = min(CHUNK, size - pos)
-        bufs.claim("chunk", k)  # the hash and write threads may still read this buffer
+        bufs.claim("chunk", k)  # the hash thread may still read this buffer
         view = memoryview(bufs.chunks[k])[:n]
         reader.read_into(info, view, pos)
         if hasher:
@@ -290,10 +267,10 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
                   else bufs.raw[k][: n * src_item].view(src_t).view(r1 - r0, row))
         if plain is not None:
             a, b, alpha = plain
-            bufs.addmm(blk, b[r0:r1], a, alpha)  # rows of W are output features
+            blk.addmm_(b[r0:r1], a, alpha=alpha)  # rows of W are output features
         if trans is not None:
             a, b, alpha = trans
-            bufs.addmm(blk, a[:, r0:r1].T, b.T, alpha)  # W stored (in, out): rows are input features
+            blk.addmm_(a[:, r0:r1].T, b.T, alpha=alpha)  # W stored (in, out): rows are input features
         if bias is not None:
             blk.add_(bias[r0:r1])
         if out_t == torch.float32:
