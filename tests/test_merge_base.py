@@ -410,3 +410,14 @@ def test_dora_is_refused_with_one_line(llama, tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DoRA" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_gpt2_tied_wte_lora_untied_matches_peft_model(tmp_path):
+    base = make_gpt2(tmp_path / "g")
+    ad = make_peft_adapter(base, tmp_path / "ad", target_modules=["wte", "c_attn"], fan_in_fan_out=True)
+    out = tmp_path / "m"
+    report = merge_into_base(base, resolve_inputs([str(ad)]), out, progress=False, notify=None)
+    assert report.summary["untied"]
+    ours = state(out)
+    assert torch.equal(ours["lm_head.weight"], state(base)["transformer.wte.weight"])  # head keeps W
+    torch.testing.assert_close(logits(out), peft_logits(base, ad), rtol=1e-5, atol=1e-5)
