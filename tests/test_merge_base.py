@@ -421,3 +421,16 @@ def test_gpt2_tied_wte_lora_untied_matches_peft_model(tmp_path):
     ours = state(out)
     assert torch.equal(ours["lm_head.weight"], state(base)["transformer.wte.weight"])  # head keeps W
     torch.testing.assert_close(logits(out), peft_logits(base, ad), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_overflow_is_refused(llama, adapter, tmp_path, capsys):
+    big = tmp_path / "big"
+    shutil.copytree(adapter, big)
+    t = load_file(big / "adapter_model.safetensors")
+    t = {k: v * 1e7 if "lora_B" in k else v for k, v in t.items()}
+    save_file(t, big / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(llama), str(big), "--dtype", "float16", "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    assert "overflows float16" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)

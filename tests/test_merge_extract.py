@@ -179,3 +179,16 @@ def test_exported_provenance_is_verified_and_merges_are_recorded(llama_dir, tmp_
     rec = open_registry().merge(rep["registered"]["merge_id"])
     assert rec["inputs"][0]["ref"] == "alpha@1" and rec["recipe"]["operation"] == "merge"
     shutil.rmtree(tmp_path / "m")
+
+
+def test_extract_register(llama_dir, tuned, tmp_path):
+    from adapterhub_local.registry import open_registry
+
+    tuned_dir, _ = tuned
+    res = CliRunner().invoke(cli, ["extract", str(llama_dir), str(tuned_dir), "--rank", "4", "--out",
+                                   str(tmp_path / "x"), "--register", "extracted", "--json"],
+                             catch_exceptions=False)
+    rep = json.loads(res.stdout)
+    rec = open_registry().resolve(rep["registered"]["ref"])
+    assert rec.base_fingerprint == fingerprint_model(llama_dir).fingerprint
+    assert open_registry().merge(rep["registered"]["merge_id"])["method"] == "svd"
