@@ -177,10 +177,10 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
                                   "unknown": [k for k, v in expected.items() if not v]}
             (tmp / INDEX_NAME).write_text(index_json(shards, names), encoding="utf-8")
             for side in side_files(base_dir):
-                if side.name == "config.json":
-                    continue
+                if side.name == "config.json" and (untie or out_dtype):
+                    continue  # rewritten below
                 shutil.copyfile(side, tmp / side.name)
-            if config:
+            if config and (untie or out_dtype):
                 new_cfg = dict(config)
                 if untie:
                     new_cfg["tie_word_embeddings"] = False
