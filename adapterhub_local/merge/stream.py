@@ -235,8 +235,9 @@ def _factors(deltas: list[tuple[LoraModule, float]], transposed: bool):
     return a, b, 1.0
 
 
-def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher | None, fh, bufs: Buffers,
-             report: MergeReport, notify) -> None:
+def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher | None, fh,
+                   bufs: Buffers, report: MergeReport, notify) -> None:
+    """W' = (replacement or W) + Σ wᵢsᵢBᵢAᵢ (+ bias deltas), row block by row block."""
     info = t.source
     e = e or Edit()
     rows, row, block = block_rows(info.shape)
