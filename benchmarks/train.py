@@ -124,7 +124,6 @@ def measure_matmul_peak(threads: int) -> float:
 def _eval_loss(model, eval_path, tok, seq_len) -> float:
     """Token-weighted mean next-token loss over the eval file, through model(...).logits."""
     import torch
-
     from adapterhub_local.trainer import data as D
 
     exs, _ = D.load_dataset(eval_path, tok, seq_len)
@@ -172,16 +171,16 @@ def child(kind: str, a: dict) -> dict:
         steps = [h for h in r.history if "loss" in h]
         res.update(step_times=[h["time"] for h in steps], step_tokens=[h["tokens"] for h in steps],
                    losses=[h["loss"] for h in steps])
-        from adapterhub_local.peft_format import load_adapter
         from adapterhub_local.trainer import apply_adapter
+
+        from adapterhub_local.peft_format import load_adapter
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         apply_adapter(model, load_adapter(r.out))
         res["eval_loss"] = _eval_loss(model, ev, tok, a["seq_len"])
     else:
-        from peft import LoraConfig, get_peft_model
-
         from adapterhub_local.trainer import data as D
+        from peft import LoraConfig, get_peft_model
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         model.config.use_cache = False
@@ -216,8 +215,12 @@ def child(kind: str, a: dict) -> dict:
         else:
             import tempfile
 
-            from transformers import (DataCollatorForLanguageModeling, Trainer, TrainerCallback,
-                                      TrainingArguments)
+            from transformers import (
+                DataCollatorForLanguageModeling,
+                Trainer,
+                TrainerCallback,
+                TrainingArguments,
+            )
 
             inner = DataCollatorForLanguageModeling(tok, mlm=False)
             batch_tokens, times = [], []

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapterhub_local.trainer import TrainConfig, train
+from test_train import _texts, make_base, write_jsonl
 
 from adapterhub_local.peft_format import load_adapter
-from adapterhub_local.trainer import TrainConfig, train
-
-from test_train import make_base, write_jsonl, _texts
 
 
 def _free_port() -> int:

@@ -25,7 +25,7 @@ _EXPORTS = {
     "CheckpointError": ".checkpoint", "load_checkpoint": ".checkpoint",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):

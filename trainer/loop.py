@@ -104,8 +104,11 @@ def cpu_bf16_speedup() -> float:
     if _BF16_SPEEDUP is None:
         import time as _t
 
+        g = torch.Generator().manual_seed(0)  # never touch the global RNG: seeded runs rely on it
+
         def rate(dtype):
-            a, b = torch.randn(192, 192, dtype=dtype), torch.randn(192, 192, dtype=dtype)
+            a = torch.randn(192, 192, generator=g).to(dtype)
+            b = torch.randn(192, 192, generator=g).to(dtype)
             a @ b
             best = math.inf
             for _ in range(3):
@@ -348,7 +351,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
                                "raise --max-steps / --epochs to train further")
 
     metrics_path = out / ckpt_mod.METRICS
-    log = metrics_path.open("a", encoding="utf-8") if d.is_main else None
+    # line-buffered, so `tail -f metrics.jsonl` follows the run
+    log = metrics_path.open("a", encoding="utf-8", buffering=1) if d.is_main else None
     if d.is_main:
         atomic_write_text(out / "train_config.json", json.dumps(saved_cfg, indent=2, sort_keys=True) + "\n")
         _hint(f"train: {len(train_ex)} examples ({train_stats.loss_tokens:,} loss tokens) -> "
@@ -525,9 +529,9 @@ def _card(cfg: TrainConfig, metrics: dict, base: Path, world: int) -> str:
     lines = [
         "---", "library_name: peft", f"base_model: {base.name}", "tags:", "- lora",
         "- adapterhub-local", "---", "", f"# {cfg.name or cfg.out_dir.name}", "",
-        f"LoRA adapter trained with `adapters train` on `{Path(cfg.data).name}` "
-        f"(r={cfg.rank}, alpha={cfg.alpha:g}, targets={','.join(cfg.targets)}, lr={cfg.lr:g}, "
-        f"{cfg.schedule} schedule, {metrics['steps']} steps, world size {world}).", "",
+        (f"LoRA adapter trained with `adapters train` on `{Path(cfg.data).name}` "
+         f"(r={cfg.rank}, alpha={cfg.alpha:g}, targets={','.join(cfg.targets)}, lr={cfg.lr:g}, "
+         f"{cfg.schedule} schedule, {metrics['steps']} steps, world size {world})."), "",
         "| metric | value |", "|---|---|",
     ]
     for k, v in metrics.items():

@@ -112,7 +112,8 @@ def train(app, base_dir, data, eval_path, name, out, rank, alpha, dropout, targe
     """
     if epochs is not None and max_steps is not None:
         raise click.UsageError("give --epochs or --max-steps, not both")
-    from ..trainer import TrainConfig, train as run_train
+    from ..trainer import TrainConfig
+    from ..trainer import train as run_train
 
     if not sys.stderr.isatty() or os.environ.get("ADAPTERS_PROGRESS") == "0":
         from transformers.utils import logging as hf_logging
