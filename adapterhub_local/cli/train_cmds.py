@@ -100,8 +100,9 @@ def train(app, base_dir, data, eval_path, name, out, rank, alpha, dropout, targe
     OUT gets the adapter (adapter_config.json + adapter_model.safetensors, loads with
     PeftModel.from_pretrained), metrics.jsonl, best/ (lowest eval loss) and
     checkpoints/step-N/ (with --save-every; --resume continues exactly). Ctrl-C saves
-    a checkpoint and exits. On CPUs without bfloat16 instructions training runs in
-    float32. Under torchrun the same command trains with DDP (--batch-size is per process).
+    a checkpoint and exits. Training runs in float32 unless --bf16 (refused on CPUs
+    whose bf16 matmul is slow). Under torchrun the same command trains with DDP
+    (--batch-size is per process).
 
     \b
     Example:
