@@ -311,8 +311,10 @@ def test_memory_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     merge_into_base(base, resolve_inputs([str(ad)]), tmp_path / "m2", progress=False, reader=reader)
     assert reader.max_read_bytes <= 256 * 4  # one float32 row block
     assert reader.max_tensor_bytes > 4 * 1000
-    for f in (tmp_path / "m").iterdir():
-        assert f.read_bytes() == (tmp_path / "m2" / f.name).read_bytes(), f.name
+    # same result whatever the block size (bytes may differ only if BLAS rounds differently per size)
+    small, big = state(tmp_path / "m2"), state(tmp_path / "m")
+    for k, v in big.items():
+        torch.testing.assert_close(small[k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_interrupt_leaves_nothing(llama, adapter, tmp_path):
