@@ -68,7 +68,8 @@ def _warmup(ctx, param, value):
               help="Batch examples of similar length together (less padding); ignored with --packing.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (GPUs, and CPUs with AVX512-BF16/AMX).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward: less memory.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="AdamW decoupled weight decay on the LoRA factors.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Clip the global gradient norm (0: no clipping).")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps (and always at the end).")
