@@ -615,3 +615,12 @@ def test_cli_ctrl_c_checkpoints_and_exits_130(tmp_path, base, corpus):
     ckpts = list((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.pt").is_file()
     assert not (out / WEIGHTS_NAME).exists()
+
+
+def test_progress_bar_shows_loss_and_tokens_per_s(tmp_path, base, corpus, monkeypatch, capsys):
+    monkeypatch.setenv("ADAPTERS_PROGRESS", "1")
+    train(cfg(base, corpus / "text.jsonl", tmp_path / "p", max_steps=3, eval=corpus / "eval.jsonl",
+              eval_every=2))
+    err = capsys.readouterr().err
+    assert "loss=" in err and "tok_s=" in err and "3/3" in err
+    assert "step 2: eval loss" in err
