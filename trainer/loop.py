@@ -348,7 +348,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         _hint(f"resuming from {resume['path']} at step {step}", d)
     if step >= total:
         raise TrainConfigError(f"--resume: the checkpoint is at step {step}, the run has {total} steps",
-                               "raise --max-steps / --epochs to train further")
+                               "that run is finished; a longer run has another schedule: start anew")
 
     metrics_path = out / ckpt_mod.METRICS
     # line-buffered, so `tail -f metrics.jsonl` follows the run
