@@ -183,7 +183,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], cfg: dict, where: Path | 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        short = key.removeprefix(PREFIX)
         # PEFT saves a targeted embedding's full matrix as "<module>.base_layer.weight"
         short = short.replace(".base_layer.", ".")
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -92,8 +92,7 @@ def bench_hash(work: Path, mb: int) -> dict:
     path = work / "hash.bin"
     with open(path, "wb") as fh:
         block = os.urandom(1024 * 1024)
-        for _ in range(mb):
-            fh.write(block)
+        fh.writelines(block for _ in range(mb))
     ours, theirs = [], []
     for _ in range(3):  # interleaved, both from a warm page cache
         t = time.perf_counter()
@@ -148,8 +147,9 @@ def main() -> None:
         results["resolve adapter-0777 (latest)"] = ms(lambda: reg.resolve("adapter-0777"))
 
         src = [small_adapter(work / f"small{i}", i) for i in range(11)]
-        from adapterhub_local.peft_format import load_adapter
         from adapterhub_local.registry import sha256_file
+
+        from adapterhub_local.peft_format import load_adapter
 
         load_adapter(src[0])  # torch warm-up, not registry time
         reg.register(src[0], "bench-small")

@@ -93,14 +93,11 @@ def build_data(folder: Path, seq_len: int, mixed_max: int, n: int) -> None:
     rng = random.Random(0)
     # BOS + words + EOS = tokens
     with open(folder / "uniform.jsonl", "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": _sentence(rng, seq_len - 2)}) + "\n")
+        f.writelines(json.dumps({"text": _sentence(rng, seq_len - 2)}) + "\n" for _ in range(n))
     with open(folder / "mixed.jsonl", "w") as f:
-        for _ in range(n * 2):
-            f.write(json.dumps({"text": _sentence(rng, rng.randint(16, mixed_max) - 2)}) + "\n")
+        f.writelines(json.dumps({"text": _sentence(rng, rng.randint(16, mixed_max) - 2)}) + "\n" for _ in range(n * 2))
     with open(folder / "eval.jsonl", "w") as f:
-        for _ in range(16):
-            f.write(json.dumps({"text": _sentence(rng, rng.randint(64, seq_len) - 2)}) + "\n")
+        f.writelines(json.dumps({"text": _sentence(rng, rng.randint(64, seq_len) - 2)}) + "\n" for _ in range(16))
 
 
 def measure_matmul_peak(threads: int) -> float:

@@ -22,5 +22,14 @@ from .core import PROVENANCE_NAME, Registry, open_registry
 from .query import BadQuery, parse_pairs, parse_where
 from .records import VersionRecord
 
-__all__ = ["BadQuery", "BlobCorrupt", "PROVENANCE_NAME", "Registry", "VersionRecord", "open_registry",
-           "parse_pairs", "parse_where", "sha256_file"]
+__all__ = [
+           "PROVENANCE_NAME",
+           "BadQuery",
+           "BlobCorrupt",
+           "Registry",
+           "VersionRecord",
+           "open_registry",
+           "parse_pairs",
+           "parse_where",
+           "sha256_file",
+]

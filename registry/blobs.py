@@ -119,8 +119,7 @@ class BlobStore:
             with open(tmp, "wb") as fh:
                 for data in pieces:
                     view = memoryview(data).cast("B")
-                    for start in range(0, len(view), WRITE):
-                        fh.write(view[start : start + WRITE])
+                    fh.writelines(view[start : start + WRITE] for start in range(0, len(view), WRITE))
                 fh.flush()
                 os.fsync(fh.fileno())
             self._install(tmp, sha)

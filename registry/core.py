@@ -344,10 +344,10 @@ class Registry:
         return rows
 
     # -- the rest of the API lives in small modules, bound here ------------------
-    from .register import register, _base_info  # noqa: E402
-    from .annotate import log_metrics, metric_history, set_alias, remove_alias, set_hub  # noqa: E402
-    from .lineage import record_merge, set_merge_output, merge, merges_for, lineage  # noqa: E402
-    from .storage import adapter_path, export, rm, gc, verify  # noqa: E402
+    from .annotate import log_metrics, metric_history, remove_alias, set_alias, set_hub
+    from .lineage import lineage, merge, merges_for, record_merge, set_merge_output
+    from .register import _base_info, register
+    from .storage import adapter_path, export, gc, rm, verify
 
 
 def open_registry(home: str | os.PathLike | None = None) -> Registry:
@@ -357,5 +357,16 @@ def open_registry(home: str | os.PathLike | None = None) -> Registry:
     return Registry(registry_home(home))
 
 
-__all__ = ["Registry", "VersionRecord", "open_registry", "BlobCorrupt", "PROVENANCE_NAME",
-           "check_name", "normalize_fingerprint", "content_hash", "adapter_files", "now", "NotRegistered"]
+__all__ = [
+    "PROVENANCE_NAME",
+    "BlobCorrupt",
+    "NotRegistered",
+    "Registry",
+    "VersionRecord",
+    "adapter_files",
+    "check_name",
+    "content_hash",
+    "normalize_fingerprint",
+    "now",
+    "open_registry",
+]

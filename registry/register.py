@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidAdapter, ShapeMismatch
-from .core import PROVENANCE_NAME, adapter_files, check_name, content_hash, normalize_fingerprint, now
+from .core import (
+    PROVENANCE_NAME,
+    adapter_files,
+    check_name,
+    content_hash,
+    normalize_fingerprint,
+    now,
+)
 from .query import check_metrics
 from .records import VersionRecord, dumps, loads
 

@@ -246,4 +246,4 @@ def verify(self, ref=None) -> dict:
             "bytes_hashed": nbytes, "problems": problems, "orphans": orphans}
 
 
-__all__ = ["adapter_path", "export", "rm", "gc", "verify", "provenance", "RegistryError"]
+__all__ = ["RegistryError", "adapter_path", "export", "gc", "provenance", "rm", "verify"]

@@ -14,10 +14,10 @@ from tiny import load_model, make_llama
 
 from adapterhub_local.fingerprint import (
     cached_fingerprint,
+    combine,
     fingerprint_model,
     read_header,
     tensor_digest,
-    combine,
 )
 
 

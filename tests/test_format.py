@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import input_ids, load_model, make_peft_adapter
 
-from adapterhub_local.lora import module_rank_alpha, pattern_key, scaling
+from adapterhub_local.lora import LoraModule, module_rank_alpha, pattern_key, scaling
 from adapterhub_local.peft_format import (
     PREFIX,
     LoraAdapter,
@@ -17,7 +17,6 @@ from adapterhub_local.peft_format import (
     lora_config,
     save_adapter,
 )
-from adapterhub_local.lora import LoraModule
 
 LLAMA_CASES = {
     "linear": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),

@@ -10,10 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from adapterhub_local.errors import AdapterHubError, AdapterNotFound, InvalidAdapter, RegistryError, ShapeMismatch
-from adapterhub_local.peft_format import WEIGHTS_NAME, load_adapter, lora_config, parse_state_dict, save_adapter
 from adapterhub_local.registry import BlobCorrupt, open_registry
+
+from adapterhub_local.errors import (
+    AdapterHubError,
+    AdapterNotFound,
+    InvalidAdapter,
+    RegistryError,
+    ShapeMismatch,
+)
+from adapterhub_local.peft_format import (
+    WEIGHTS_NAME,
+    load_adapter,
+    lora_config,
+    parse_state_dict,
+    save_adapter,
+)
 
 # tiny llama (tests/tiny.py defaults): hidden 32, 4 heads, 2 kv heads -> k/v out 16
 OUT = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_registry import make_adapter
 
 from adapterhub_local.cli import cli, main
-from test_registry import make_adapter
 
 VERBS = ["register", "list", "show", "alias", "log-metric", "export", "rm", "gc", "verify"]
 

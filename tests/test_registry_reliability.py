@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from adapterhub_local.registry import open_registry
 from test_registry import make_adapter
 

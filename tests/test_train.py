@@ -26,7 +26,7 @@ from tiny import input_ids, load_model, make_gpt2, make_peft_adapter, make_token
 
 from adapterhub_local.peft_format import WEIGHTS_NAME, load_adapter, save_adapter
 
-WORDS = "the cat sat on mat a dog ran far away red big".split()
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "red", "big"]
 SENTENCES = ["the cat sat on the mat", "a dog ran far away", "the red big dog sat"]
 
 
@@ -65,8 +65,7 @@ def make_base(out: Path, arch: str = "llama", init: float = 0.2) -> Path:
 
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+        fh.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
     return path
 
 

@@ -80,7 +80,15 @@ def make_tokenizer(out: Path, texts: list[str] | None = None, vocab: int = 64,
     """A small BPE tokenizer (<s> prepended, </s> as eos, <pad>, a chat template) trained on
     ``texts`` and saved into ``out`` (e.g. a tiny base-model folder). Needs ``vocab`` >= the
     number of distinct characters in ``texts`` + 8."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     texts = texts or ["the quick brown fox jumps over the lazy dog", "hello world 0123456789"]

@@ -38,7 +38,7 @@ def fmt(value) -> str:
     return str(value)
 
 
-def human_bytes(n: int | float | None) -> str:
+def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB", "TB"):
