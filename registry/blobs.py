@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RegistryError
+from ..fsutil import fsync_dir
 
 # 1 MiB reads: hashlib (OpenSSL, SHA-NI where present) runs at memory speed on them,
 # and one reused buffer keeps the allocator out of the loop.
@@ -84,7 +85,7 @@ class BlobStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp, 0o444)
         os.replace(tmp, dest)  # same bytes if a concurrent writer won: harmless
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return dest
 
     def put_file(self, src: str | os.PathLike, expected: str | None = None) -> tuple[str, int]:
@@ -205,10 +206,3 @@ class BlobStore:
         return out
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

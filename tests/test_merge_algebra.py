@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import input_ids, load_model, make_gpt2, make_peft_adapter
+from tiny import logits, make_gpt2, make_peft_adapter, peft_logits
 
 from adapterhub_local.cli import cli, main
 from adapterhub_local.errors import UnknownMergeMethod
@@ -42,19 +42,6 @@ def assert_same_deltas(a: dict, b: dict, tol=1e-5):
         x = a.get(k, torch.zeros_like(b.get(k, torch.zeros(1))))
         y = b.get(k, torch.zeros_like(x))
         torch.testing.assert_close(x.double(), y.double(), rtol=tol, atol=tol, msg=k)
-
-
-def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base), str(adapter)).eval()
-    with torch.no_grad():
-        return model(input_ids()).logits
-
-
-def logits(model_dir: Path) -> torch.Tensor:
-    with torch.no_grad():
-        return load_model(model_dir)(input_ids()).logits
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,14 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import input_ids, load_model, make_gpt2, make_llama, make_peft_adapter
+from tiny import (
+    load_model,
+    logits,
+    make_gpt2,
+    make_llama,
+    make_peft_adapter,
+    peft_logits,
+)
 
 from adapterhub_local.cli import cli, main
 from adapterhub_local.fingerprint import fingerprint_model
@@ -34,19 +41,6 @@ def peft_merged(base: Path, adapter: Path, dtype=torch.float32) -> dict[str, tor
 
     model = PeftModel.from_pretrained(load_model(base, dtype), str(adapter)).merge_and_unload()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base), str(adapter)).eval()
-    with torch.no_grad():
-        return model(input_ids()).logits
-
-
-def logits(model_dir: Path) -> torch.Tensor:
-    with torch.no_grad():
-        return load_model(model_dir)(input_ids()).logits
 
 
 def no_leftovers(parent: Path) -> bool:

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from tiny import input_ids, load_model, make_gpt2, make_peft_adapter
+from tiny import logits, make_gpt2, make_peft_adapter, peft_logits
 
 from adapterhub_local.cli import cli, main
 from adapterhub_local.fingerprint import fingerprint_model
 from adapterhub_local.merge import resolve_inputs
 from adapterhub_local.merge.base import merge_into_base
 from adapterhub_local.peft_format import load_adapter
-
-
-def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base), str(adapter)).eval()
-    with torch.no_grad():
-        return model(input_ids()).logits
-
-
-def logits(model_dir: Path) -> torch.Tensor:
-    with torch.no_grad():
-        return load_model(model_dir)(input_ids()).logits
 
 
 @pytest.fixture(scope="module")

@@ -107,3 +107,18 @@ def make_tokenizer(out: Path, texts: list[str] | None = None, vocab: int = 64,
         fast.chat_template = chat_template
     fast.save_pretrained(out)
     return Path(out)
+
+
+def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
+    """Logits of PEFT's own PeftModel with ``adapter`` active on ``base``: the reference."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base), str(adapter)).eval()
+    with torch.no_grad():
+        return model(input_ids()).logits
+
+
+def logits(model_dir: Path) -> torch.Tensor:
+    """Logits of a plain model folder (a base, or a merged model)."""
+    with torch.no_grad():
+        return load_model(model_dir)(input_ids()).logits
