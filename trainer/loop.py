@@ -393,6 +393,20 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         if log is not None:
             log.write(json.dumps(entry) + "\n")
 
+    def eval_and_keep_best():
+        """Eval loss now; a new best is saved to out/best. Returns (loss, perplexity)."""
+        nonlocal best, best_step, last_eval
+        ev_loss, ev_ppl = evaluate(ddp, eval_batches, d, autocast)
+        last_eval = (step, ev_loss, ev_ppl)
+        record({"step": step, "eval_loss": ev_loss, "eval_perplexity": ev_ppl})
+        if ev_loss < best:
+            best, best_step = ev_loss, step
+            if d.is_main:
+                from ..peft_format import save_adapter
+
+                save_adapter(adapter_now(), out / "best", overwrite=True)
+        return ev_loss, ev_ppl
+
     from ..progress import bar
 
     orders: dict[int, list[list[int]]] = {}
@@ -455,15 +469,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
 
             # ---- eval, best, checkpoint ---------------------------------------------------
             if eval_items and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-                ev_loss, ev_ppl = evaluate(ddp, eval_batches, d, autocast)
-                last_eval = (step, ev_loss, ev_ppl)
-                record({"step": step, "eval_loss": ev_loss, "eval_perplexity": ev_ppl})
-                if ev_loss < best:
-                    best, best_step = ev_loss, step
-                    if d.is_main:
-                        from ..peft_format import save_adapter
-
-                        save_adapter(adapter_now(), out / "best", overwrite=True)
+                ev_loss, ev_ppl = eval_and_keep_best()
                 if pbar is not None:
                     pbar.write(f"step {step}: eval loss {ev_loss:.4f}, perplexity {ev_ppl:.3f}",
                                file=sys.stderr)
@@ -490,15 +496,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
 
     # ---- the end: final eval, the PEFT folder, the registry -----------------------------
     if eval_items and (last_eval is None or last_eval[0] != step):
-        ev_loss, ev_ppl = evaluate(ddp, eval_batches, d, autocast)
-        last_eval = (step, ev_loss, ev_ppl)
-        record({"step": step, "eval_loss": ev_loss, "eval_perplexity": ev_ppl})
-        if ev_loss < best:
-            best, best_step = ev_loss, step
-            if d.is_main:
-                from ..peft_format import save_adapter
-
-                save_adapter(adapter_now(), out / "best", overwrite=True)
+        eval_and_keep_best()
     metrics = {"train_loss": train_loss, "tokens_seen": tokens_seen, "steps": step,
                "epochs": round(step / steps_per_epoch, 4), "wall_time_s": round(wall, 3),
                "train_time_s": round(train_time, 3),
