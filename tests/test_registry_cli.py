@@ -163,12 +163,11 @@ def test_rm_refuses_merge_input(adapters, tmp_path, capsys):
 
 
 def test_every_verb_has_help_with_example_and_docs():
-    docs = (Path(__file__).parent.parent / "docs" / "registry.md")
-    text = docs.read_text() if docs.exists() else ""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
     for verb in VERBS:
         out = run(verb, "--help")
         assert "Example" in out, verb
-        assert f"adapters {verb}" in text, f"docs/registry.md does not show `adapters {verb}`"
+        assert f"adapters {verb}" in text, f"README.md does not show `adapters {verb}`"
     assert "--json" in run("list", "--help")
 
 
