@@ -7,7 +7,9 @@ whose factors are ``lora_embedding_A`` (r, num_embeddings) and
 ``lora_embedding_B`` (dim, r). The seed text's W' = W + AB is the same update
 with the other orientation; everything here uses the PEFT names.
 
-All arithmetic is float32; callers cast once at the end.
+All arithmetic is float32; callers cast once at the end. Factors are torch tensors for
+the trainer and the adapter algebra, or numpy arrays for the torch-free merge into a base
+(peft_format.load_adapter(arrays="numpy")); only the methods that do torch math import it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def pattern_key(patterns, module: str) -> str | None:
@@ -51,7 +55,7 @@ class LoraModule:
     """One adapted module: factors in PEFT layout plus how to turn them into ΔW."""
 
     name: str  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
-    A: torch.Tensor  # (r, in); embedding: (r, num_embeddings)
+    A: torch.Tensor  # (r, in); embedding: (r, num_embeddings)  (or a numpy array)
     B: torch.Tensor  # (out, r); embedding: (dim, r)
     scale: float
     kind: str = "linear"  # "linear" | "embedding"
@@ -83,6 +87,8 @@ class LoraModule:
 
     def delta(self, weight: float = 1.0) -> torch.Tensor:
         """weight · s · B @ A in float32, in the base weight's orientation."""
+        import torch
+
         a = self.A.to(torch.float32)
         b = self.B.to(torch.float32) * (self.scale * weight)
         d = b @ a
@@ -91,18 +97,22 @@ class LoraModule:
     def bias_delta(self, weight: float = 1.0) -> torch.Tensor | None:
         if self.bias is None:
             return None
+        import torch
+
         return self.bias.to(torch.float32) * (self.scale * weight)
 
     def delta_norm(self) -> float:
         """‖s·B·A‖_F without forming ΔW: ‖BA‖² = tr((AAᵀ)(BᵀB)), r×r work."""
+        import torch
+
         a = self.A.to(torch.float64)
         b = self.B.to(torch.float64)
         sq = torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0).item()
         return abs(self.scale) * math.sqrt(sq)
 
     def num_parameters(self) -> int:
-        n = self.A.numel() + self.B.numel()
-        return n + (self.bias.numel() if self.bias is not None else 0)
+        n = math.prod(self.A.shape) + math.prod(self.B.shape)
+        return n + (math.prod(self.bias.shape) if self.bias is not None else 0)
 
 
 def stacked_delta(modules: list[tuple[LoraModule, float]]) -> torch.Tensor:
@@ -111,6 +121,8 @@ def stacked_delta(modules: list[tuple[LoraModule, float]]) -> torch.Tensor:
     One (out, Σr) @ (Σr, in) matmul beats k separate products and sums
     in float32 before any cast. All modules must share orientation and shape.
     """
+    import torch
+
     if len(modules) == 1:
         mod, w = modules[0]
         return mod.delta(w)

@@ -3,19 +3,26 @@
 What PEFT writes we read; what we write PEFT loads. Pickled ``adapter_model.bin``
 is refused, never unpickled. Every problem is an ``InvalidAdapter`` naming the
 file and what is wrong with it.
+
+``load_adapter(..., arrays="numpy")`` reads the safetensors file with our own header
+parser and numpy (float factors upcast to float32), so a merge into a base never
+imports torch; the validation below is the same for both kinds of arrays.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidAdapter, UnsupportedAdapter
 from .lora import LoraModule, module_rank_alpha, scaling
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,7 +92,7 @@ class LoraAdapter:
 
     def num_parameters(self) -> int:
         return sum(m.num_parameters() for m in self.modules.values()) + sum(
-            t.numel() for t in self.extra.values()
+            math.prod(t.shape) for t in self.extra.values()
         )
 
     def targets(self) -> list[str]:
@@ -132,7 +139,9 @@ def _read_config(folder: Path) -> dict:
     return cfg
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_tensors(path: Path, arrays: str = "torch") -> tuple[dict, dict]:
+    if arrays == "numpy":
+        return _read_numpy(path)
     from safetensors import safe_open
 
     try:
@@ -147,8 +156,61 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, metadata
 
 
-def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
-    """Load and validate a PEFT LoRA folder."""
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _read_numpy(path: Path) -> tuple[dict, dict]:
+    """The tensors of a safetensors file as numpy arrays, floats as float32 (no torch)."""
+    import numpy as np
+
+    from .errors import InvalidModel
+    from .fingerprint import read_header
+
+    try:
+        infos, metadata = read_header(path)
+        data = path.read_bytes()
+    except InvalidModel as e:
+        raise InvalidAdapter(path, e.problem) from None
+    except OSError as e:
+        raise InvalidAdapter(path, f"not a readable safetensors file ({e.strerror})") from None
+    tensors = {}
+    for name, info in infos.items():
+        dt = _NP_DTYPES.get(info.dtype)
+        shape = [int(s) for s in info.shape]
+        if dt is None:
+            raise InvalidAdapter(path, f"not a readable safetensors file, truncated or corrupt "
+                                 f"(tensor {name} has unsupported dtype {info.dtype})")
+        if info.end - info.start != math.prod(shape) * np.dtype(dt).itemsize or info.end < info.start:
+            raise InvalidAdapter(path, f"not a readable safetensors file, truncated or corrupt "
+                                 f"(tensor {name}: byte range does not match its shape)")
+        a = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=info.start).reshape(shape)
+        if info.dtype == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        elif a.dtype.kind == "f" and a.dtype != np.float32:
+            a = a.astype(np.float32)
+        tensors[name] = a
+    return tensors, metadata
+
+
+def _is_float(t) -> bool:
+    return t.is_floating_point() if hasattr(t, "is_floating_point") else t.dtype.kind == "f"
+
+
+def _all_finite(t) -> bool:
+    if hasattr(t, "is_floating_point"):
+        import torch
+
+        return bool(torch.isfinite(t).all())
+    import numpy as np
+
+    return bool(np.isfinite(t).all())
+
+
+def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: bool = True,
+                 arrays: str = "torch") -> LoraAdapter:
+    """Load and validate a PEFT LoRA folder. ``arrays="numpy"``: factors as float32 numpy
+    arrays, read without torch (what a merge into a base uses)."""
     folder = Path(folder)
     if not folder.exists():
         raise InvalidAdapter(folder, "no such file or directory")
@@ -172,21 +234,21 @@ def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: boo
                 "DoRA adapter (use_dora=true): its update is not additive, so W + s·B·A would be wrong",
                 "merge it with PEFT's merge_and_unload() until DoRA is supported",
             )
-    tensors, _ = _read_tensors(weights)
+    tensors, _ = _read_tensors(weights, arrays)
     return parse_state_dict(tensors, cfg, folder, allow_dora=allow_dora, check_finite=check_finite)
 
 
-def parse_state_dict(tensors: dict[str, torch.Tensor], cfg: dict, where: Path | str = "<memory>",
+def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
                      allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
     where = Path(where)
     wfile = where / WEIGHTS_NAME if where.is_dir() else where
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    extra: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict] = {}
+    extra: dict = {}
     for key, t in tensors.items():
         short = key.removeprefix(PREFIX)
         # PEFT saves a targeted embedding's full matrix as "<module>.base_layer.weight"
         short = short.replace(".base_layer.", ".")
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if check_finite and _is_float(t) and not _all_finite(t):
             raise InvalidAdapter(wfile, f"tensor {key} has non-finite values (NaN or inf)")
         m = _KEY.match(short)
         if not m:

@@ -22,8 +22,17 @@ from ..errors import AdapterHubError, BaseMismatch
 from ..lora import LoraModule
 from ..peft_format import LoraAdapter, lora_config, save_adapter
 from .inputs import PROVENANCE_NAME
-from .io import FLOAT_ST, ST_TO_TORCH, Reader, scan_model
+from .io import FLOAT_ST, Reader, scan_model
 from .report import MergeReport, rel_error, stderr_notify
+
+ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_name] = getattr(torch, _attr)
 
 EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings",
                "position_embeddings", "embed_positions", "token_type_embeddings")

@@ -94,19 +94,24 @@ def provenance_fingerprint(folder: Path) -> str | None:
     return None
 
 
-def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
-    import torch
-
+def resolve_input(ref: str, weight: float = 1.0, registry_home=None, arrays: str = "torch") -> MergeInput:
+    """``arrays="numpy"`` loads the factors as float32 numpy arrays without importing torch:
+    what a merge into a base needs (the adapter algebra needs torch tensors)."""
     from ..refs import resolve_adapter
 
     folder, record = resolve_adapter(str(ref), registry_home)
     folder = Path(folder)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # validation is memory-bound; OpenMP's barrier only hurts on a busy box
-    try:
-        adapter = load_adapter(folder)
-    finally:
-        torch.set_num_threads(threads)
+    if arrays == "numpy":
+        adapter = load_adapter(folder, arrays="numpy")
+    else:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # validation is memory-bound; OpenMP's barrier only hurts on a busy box
+        try:
+            adapter = load_adapter(folder)
+        finally:
+            torch.set_num_threads(threads)
     if record is not None:
         files = dict(getattr(record, "files", None) or {}) or _file_hashes(folder)
         files = {k: v for k, v in files.items() if k in (CONFIG_NAME, WEIGHTS_NAME)} or _file_hashes(folder)
@@ -117,12 +122,13 @@ def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInp
                       base_fingerprint=provenance_fingerprint(folder), files=_file_hashes(folder))
 
 
-def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None) -> list[MergeInput]:
+def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None,
+                   arrays: str = "torch") -> list[MergeInput]:
     refs = list(refs)
     if not refs:
         raise AdapterHubError("no adapters given", "name at least one REF (registry reference or PEFT folder)")
     weights = weights if weights is not None else [1.0] * len(refs)
-    return [resolve_input(r, w, registry_home) for r, w in zip(refs, weights)]
+    return [resolve_input(r, w, registry_home, arrays) for r, w in zip(refs, weights)]
 
 
 def check_hashes(inp: MergeInput, expected: dict[str, str]) -> None:

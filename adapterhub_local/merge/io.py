@@ -1,32 +1,26 @@
 """Streaming safetensors I/O for merges: our own reader and sharded writer.
 
-The reader reads one tensor's bytes (or one chunk of them) at a time into a
-reusable buffer; the writer lays out every output shard's header first (all
-shapes and dtypes are known before any data moves), then appends tensor bytes
-in order. Nothing ever holds the model.
+The reader maps each shard file (mmap) and hands out read-only views of one row
+block at a time, dropping the pages of a block from our address space once it is
+done (the page cache keeps them; our RSS does not grow with the model); extract
+reads whole tensors into its own buffers. The writer lays out every output shard's
+header first (all shapes and dtypes are known before any data moves), then appends
+tensor bytes in order. Nothing ever holds the model, and nothing here needs torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import AdapterHubError, InvalidModel
 from ..fingerprint import TensorInfo, model_files, read_header
 
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_name] = getattr(torch, _attr)
 FLOAT_ST = {"F64", "F32", "F16", "BF16"}
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "bf16": "BF16", "fp16": "F16",
                "fp32": "F32", "half": "F16", "float": "F32"}
@@ -86,13 +80,17 @@ def scan_model(model_dir: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
 
 
 class Reader:
-    """Reads tensors' raw bytes from shard files into caller-owned buffers.
+    """Reads tensors' raw bytes from shard files: views of a mapping, or copies into buffers.
 
-    Tests instrument ``live`` / ``max_live`` (tensors whose bytes are held at once).
+    Tests instrument ``live`` / ``max_live`` (tensors whose bytes are held at once) and
+    ``view`` / ``read_into`` (every read goes through one of them).
     """
+
+    PAGE = mmap.PAGESIZE
 
     def __init__(self):
         self._fh: dict[str, object] = {}
+        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
         self.live = 0
         self.max_live = 0
         self.bytes_read = 0
@@ -107,6 +105,15 @@ class Reader:
             fh = self._fh[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
         return fh
 
+    def _map(self, path: str):
+        m = self._maps.get(path)
+        if m is None:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                mm = mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ) if size else None
+            m = self._maps[path] = (mm, memoryview(mm) if mm is not None else memoryview(b""))
+        return m
+
     def begin(self, info: TensorInfo) -> None:
         self.live += 1
         self.max_live = max(self.max_live, self.live)
@@ -114,6 +121,32 @@ class Reader:
 
     def end(self, info: TensorInfo) -> None:
         self.live -= 1
+
+    def _account(self, n: int) -> None:
+        self.bytes_read += n
+        self.max_read_bytes = max(self.max_read_bytes, n)
+
+    def view(self, info: TensorInfo, offset: int, nbytes: int) -> memoryview:
+        """Bytes [start+offset, start+offset+nbytes) of the tensor, read-only, without a copy."""
+        _, mv = self._map(info.file)
+        pos = info.start + offset
+        if pos + nbytes > len(mv):
+            raise InvalidModel(info.file, f"tensor {info.name} is cut short (truncated file?)")
+        self._account(nbytes)
+        return mv[pos : pos + nbytes]
+
+    def release(self, info: TensorInfo, offset: int, nbytes: int) -> None:
+        """Drop the whole pages of a range we are done with from this process (MADV_DONTNEED on
+        a read-only file mapping: the page cache keeps them, a later touch maps them again)."""
+        mm, _ = self._maps.get(info.file, (None, None))
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo = info.start + offset
+        lo += -lo % self.PAGE
+        hi = info.start + offset + nbytes
+        hi -= hi % self.PAGE
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def read_into(self, info: TensorInfo, view: memoryview, offset: int = 0) -> None:
         """Fill ``view`` with bytes [start+offset, start+offset+len(view)) of the tensor."""
@@ -126,13 +159,18 @@ class Reader:
             if not k:
                 raise InvalidModel(info.file, f"tensor {info.name} is cut short (truncated file?)")
             got += k
-        self.bytes_read += n
-        self.max_read_bytes = max(self.max_read_bytes, n)
+        self._account(n)
 
     def close(self) -> None:
         for fh in self._fh.values():
             fh.close()
         self._fh.clear()
+        for mm, mv in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it later
+                mv.release()
+                if mm is not None:
+                    mm.close()
+        self._maps.clear()
 
 
 @dataclass

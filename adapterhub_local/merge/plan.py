@@ -8,8 +8,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import AdapterHubError, InvalidAdapter, ShapeMismatch
 from ..lora import LoraModule
 from .inputs import MergeInput
@@ -27,8 +25,8 @@ class Edit:
 
     deltas: list[tuple[LoraModule, float]] = field(default_factory=list)
     bias: list[tuple[LoraModule, float]] = field(default_factory=list)
-    replace: tuple[torch.Tensor, str] | None = None  # modules_to_save: (tensor, input label)
-    saved_base: list[tuple[torch.Tensor, str]] = field(default_factory=list)  # a target's saved base layer
+    replace: tuple[object, str] | None = None  # modules_to_save: (array, input label)
+    saved_base: list[tuple[object, str]] = field(default_factory=list)  # a target's saved base layer
 
     def touches(self) -> bool:
         return bool(self.deltas or self.bias or self.replace is not None or self.saved_base)

@@ -1,32 +1,48 @@
-"""The streaming pipeline of a merge into a base: read, hash, compute, write.
+"""The streaming pipeline of a merge into a base: map, hash, compute, write. No torch.
 
-Two of every buffer, allocated once at the largest row block any tensor needs, so
-hashing (one thread) overlaps reading, the float32 arithmetic and writing (the
-main thread); a buffer is reused only after the hash thread is done with it.
-Writes stay on the main thread: a writer thread was measured no faster on a 2-core
-machine (every 256 KiB write() must win the GIL back from the main thread) and it
-burned 10-25% more CPU.
+A touched tensor goes row block by row block (BLOCK_ELEMS elements):
+
+* the base block is a read-only view of the mapped shard (no copy into a buffer);
+* every adapter's factors for the module are stacked along the rank, the weights and
+  scalings folded into B, so the whole delta is ONE float32 product (numpy's BLAS),
+  computed in sub-blocks small enough to stay in the CPU cache;
+* one fused pass (``cast.add_cast``: the C kernel when it was built) adds the delta
+  to the base values in float32 and rounds once to the output dtype;
+* the result goes to the writer thread, which writes 256 KiB pieces and starts the
+  kernel's writeback as it goes, so I/O overlaps the arithmetic.
+
+Hashing (when the base's fingerprint is not cached) runs on its own thread over the
+same mapped views. A mapped range is dropped from our address space once the hash and
+the write that read it are done, so memory stays at a few blocks whatever the model.
+Untouched tensors are copied by the kernel (copy_file_range) or, when they must be
+hashed, written straight from the mapping.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
+import numpy as np
 
 from ..errors import AdapterHubError
 from ..fingerprint import _tensor_head
 from ..lora import LoraModule
-from .io import ITEMSIZE, ST_TO_TORCH, OutTensor, Reader, numel
+from .cast import KINDS, add_cast, to_f32
+from .io import ITEMSIZE, OutTensor, Reader, numel
 from .plan import Edit
 from .report import MergeReport
 
-CHUNK = 1024 * 1024  # copy / hash granularity for untouched tensors
+CHUNK = 8 * 1024 * 1024  # copy / hash granularity for untouched tensors
 WRITE_PIECE = 256 * 1024
 WRITEBACK = 64 * 1024 * 1024  # start writeback of the output every 64 MiB
-BLOCK_ELEMS = 1024 * 1024  # elements per row block (4 MiB in float32)
+BLOCK_ELEMS = 1024 * 1024  # elements per row block: one write, one hash update
+SUB_ELEMS = 64 * 1024  # elements per product at low rank: the float32 delta stays in cache
+HELD_BYTES = 64 * 1024 * 1024  # mapped bytes waiting for a hash or a write, at most
+SLOTS = 4  # output buffers in flight to the writer
 
 
 class Hasher:
@@ -52,59 +68,99 @@ class Hasher:
             self.pool.shutdown(wait=True)
         return self.digests
 
-
-def _wait(fut) -> None:
-    if fut is not None:
-        fut.result()
-
-
-def _stack(deltas: list[tuple[LoraModule, float]], transposed: bool):
-    mods = [(m, w) for m, w in deltas if m.transposed == transposed]
-    if not mods:
-        return None
-    a = torch.cat([m.A.to(torch.float32) for m, _ in mods], dim=0)  # (R, in)
-    b = torch.cat([m.B.to(torch.float32) * (m.scale * w) for m, w in mods], dim=1)  # (out, R)
-    return a, b
+    def abort(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class Buffers:
-    """Buffers allocated once (at the largest row block any tensor needs) and reused, two of
-    each so hashing overlaps the rest; a buffer is reused only after the hash thread is done
-    with it."""
+class Pipeline:
+    """Ordered writes on one writer thread, reusable output buffers, and the release of
+    mapped ranges once every thread that reads them is done."""
 
-    def __init__(self, max_raw: int, max_block: int, max_out: int):
-        self.raw = [torch.empty(max(max_raw, 1), dtype=torch.uint8) for _ in range(2)]
-        self.raw_views = [memoryview(r.numpy()) for r in self.raw]
-        self.f32 = [torch.empty(max(max_block, 1), dtype=torch.float32) for _ in range(2)]
-        self.out = [torch.empty(max(max_out, 1), dtype=torch.uint8) for _ in range(2)]
-        self.chunks = [bytearray(CHUNK), bytearray(CHUNK)]
-        self.pending: dict[str, list[list]] = {"raw": [[], []], "chunk": [[], []]}
+    def __init__(self, reader: Reader, max_out: int, max_delta: int):
+        self.reader = reader
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
+        self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(SLOTS)]
+        self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
+        self.busy: list[list[Future]] = [[] for _ in range(SLOTS)]
+        self.slot = 0
+        self.held: collections.deque = collections.deque()  # (futures, info, offset, nbytes)
+        self.held_bytes = 0
+        self.other: list[Future] = []  # kernel copies: only their errors matter
+        self.failed = False
         self._wb_file, self._wb_from, self._wb_pending = None, 0, 0
         self.kernel_copy = hasattr(os, "copy_file_range")
 
-    def claim(self, kind: str, k: int) -> None:
-        for f in self.pending[kind][k]:
+    # --- the compute thread's side
+    def next_slot(self) -> int:
+        k = self.slot
+        self.slot = (k + 1) % SLOTS
+        for f in self.busy[k]:
+            f.result()  # the writer is done with this buffer (and raises its error, if any)
+        self.busy[k] = []
+        return k
+
+    def write(self, fh, data) -> Future:
+        return self.writer.submit(self._write, fh, data)
+
+    def track(self, fut: Future) -> None:
+        """Keep a future whose only output is its error (checked at drain)."""
+        self.other = [f for f in self.other if not f.done() or f.result()]
+        self.other.append(fut)
+
+    def copy_range(self, fh, path: str, start: int, size: int) -> None:
+        self.track(self.writer.submit(self._copy_range, fh, path, start, size))
+
+    def hold(self, futures: list, info, offset: int, nbytes: int) -> None:
+        """Release [offset, offset+nbytes) of ``info``'s mapping once ``futures`` are done."""
+        self.held.append((futures, info, offset, nbytes))
+        self.held_bytes += nbytes
+        while self.held and (self.held_bytes > HELD_BYTES or all(f.done() for f in self.held[0][0])):
+            self._release_one()
+
+    def _release_one(self) -> None:
+        futures, info, offset, nbytes = self.held.popleft()
+        self.held_bytes -= nbytes
+        for f in futures:
             f.result()
-        self.pending[kind][k] = []
+        self.reader.release(info, offset, nbytes)
 
-    def hold(self, kind: str, k: int, fut) -> None:
-        if fut is not None:
-            self.pending[kind][k].append(fut)
+    def drain(self) -> None:
+        """Wait for every pending write and hash (before a file is closed); raise their errors."""
+        while self.held:
+            self._release_one()
+        for k in range(SLOTS):
+            for f in self.busy[k]:
+                f.result()
+            self.busy[k] = []
+        for f in self.other:
+            f.result()
+        self.other = []
 
-    def write(self, fh, data):
-        self._write(fh, data)
+    def close(self, error: bool = False) -> None:
+        if error:
+            self.failed = True  # queued writes return at once; nothing touches a closed file
+        self.writer.shutdown(wait=True, cancel_futures=error)
+        self.held.clear()
 
+    # --- the writer thread's side
     def _write(self, fh, data) -> None:
         """Write in pieces. Every WRITEBACK bytes, start the kernel's writeback of what
         is written so far (fadvise DONTNEED, Linux): the final fsync that makes the output
         durable then finds little left to do, and the output does not crowd the page cache."""
-        fd = fh.fileno()
-        view = memoryview(data).cast("B")
-        for i in range(0, len(view), WRITE_PIECE):  # 256 KiB pieces: one huge write() is slower
-            piece = view[i : i + WRITE_PIECE]
-            while piece:
-                piece = piece[os.write(fd, piece):]
-        self._account(fh, view.nbytes)
+        if self.failed:
+            return
+        try:
+            fd = fh.fileno()
+            view = memoryview(data).cast("B")
+            for i in range(0, len(view), WRITE_PIECE):  # 256 KiB pieces: one huge write() is slower
+                piece = view[i : i + WRITE_PIECE]
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+            self._account(fh, view.nbytes)
+        except BaseException:
+            self.failed = True
+            raise
 
     def _account(self, fh, nbytes: int) -> None:
         fd = fh.fileno()
@@ -113,104 +169,102 @@ class Buffers:
         self._wb_pending += nbytes
         if self._wb_pending >= WRITEBACK and hasattr(os, "posix_fadvise"):
             pos = os.lseek(fd, 0, os.SEEK_CUR)
-            try:
-                os.posix_fadvise(fh.fileno(), self._wb_from, pos - self._wb_from, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, self._wb_from, pos - self._wb_from, os.POSIX_FADV_DONTNEED)
             self._wb_from, self._wb_pending = pos, 0
 
-    def copy_range(self, fh, path: str, start: int, size: int) -> None:
+    def _copy_range(self, fh, path: str, start: int, size: int) -> None:
         """Append bytes [start, start+size) of ``path`` to ``fh``."""
-        fd = os.open(path, os.O_RDONLY)
+        if self.failed:
+            return
         try:
-            off, left, copied = start, size, 0
-            while left:
-                n = 0
-                if self.kernel_copy:
-                    try:
-                        n = os.copy_file_range(fd, fh.fileno(), left, off)
-                        copied += n
-                    except OSError:  # another filesystem, an old kernel: plain reads and writes
-                        self.kernel_copy = False
-                if not n:
-                    data = os.pread(fd, min(CHUNK, left), off)
-                    if not data:
-                        raise AdapterHubError(f"{path}: ends early (truncated file?)")
-                    self._write(fh, data)
-                    n = len(data)
-                off += n
-                left -= n
-        finally:
-            os.close(fd)
-        self._account(fh, copied)
-
-    def drain(self, quiet: bool = False) -> None:
-        """Wait for every pending hash of a buffer (before a file is closed or on an error)."""
-        for kind in self.pending:
-            for k in (0, 1):
-                try:
-                    self.claim(kind, k)
-                except Exception:
-                    if not quiet:
-                        raise
-                    self.pending[kind][k] = []
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                off, left, copied = start, size, 0
+                while left:
+                    n = 0
+                    if self.kernel_copy:
+                        try:
+                            n = os.copy_file_range(fd, fh.fileno(), left, off)
+                            copied += n
+                        except OSError:  # another filesystem, an old kernel: plain reads and writes
+                            self.kernel_copy = False
+                    if not n:
+                        data = os.pread(fd, min(CHUNK, left), off)
+                        if not data:
+                            raise AdapterHubError(f"{path}: ends early (truncated file?)")
+                        self._write(fh, data)
+                        n = len(data)
+                    off += n
+                    left -= n
+            finally:
+                os.close(fd)
+            self._account(fh, copied)
+        except BaseException:
+            self.failed = True
+            raise
 
 
-def block_rows(shape) -> tuple[int, int, int]:
-    """(rows, elements per row, rows per block)."""
+def block_rows(shape, rank: int = 0) -> tuple[int, int, int, int]:
+    """(rows, elements per row, rows per block, rows per product sub-block)."""
     shape = list(shape) or [1]
     rows = int(shape[0])
     row = max(1, numel(shape) // max(rows, 1))
-    return rows, row, max(1, min(rows, BLOCK_ELEMS // row))
+    block = max(1, min(rows, BLOCK_ELEMS // row))
+    # a low-rank product is memory-bound: small pieces keep it (and the add after it) in cache
+    sub = max(1, min(block, (SUB_ELEMS if rank <= 64 else BLOCK_ELEMS) // row))
+    return rows, row, block, sub
 
 
-def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, bufs: Buffers) -> None:
+def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pipeline) -> None:
     info = t.source
     size = info.end - info.start
-    if hasher is None and bufs.kernel_copy:
+    reader.begin(info)
+    if hasher is None and pipe.kernel_copy:
         # nothing to hash: let the kernel copy the bytes (copy_file_range), as cp does
-        reader.begin(info)
-        bufs.copy_range(fh, info.file, info.start, size)
+        pipe.copy_range(fh, info.file, info.start, size)
         reader.end(info)
         return
-    reader.begin(info)
     h = hasher.start(info) if hasher else None
     pos = 0
-    k = 0
     while pos < size:
         n = min(CHUNK, size - pos)
-        bufs.claim("chunk", k)  # the hash thread may still read this buffer
-        view = memoryview(bufs.chunks[k])[:n]
-        reader.read_into(info, view, pos)
-        if hasher:
-            bufs.hold("chunk", k, hasher.update(h, view))
-        bufs.write(fh, view)
+        view = reader.view(info, pos, n)
+        futures = [pipe.write(fh, view)]
+        if h is not None:
+            futures.append(hasher.update(h, view))
+        pipe.hold(futures, info, pos, n)
         pos += n
-        k ^= 1
     if hasher:
         hasher.finish(info.name, h)
     reader.end(info)
 
 
-def _replacement(t: OutTensor, e: Edit, reader: Reader, bufs: Buffers, report: MergeReport, notify):
+def _as_f32(x) -> np.ndarray:
+    """A float32 numpy array from a numpy array or (library callers) a torch tensor."""
+    if not isinstance(x, np.ndarray):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _replacement(t: OutTensor, e: Edit, reader: Reader, report: MergeReport, notify):
     """The tensor that replaces the base one, if any. A saved copy of a target's own base
     layer counts only when it differs from the base (checked block by block, before any write)."""
-    replacement = e.replace[0] if e.replace is not None else None
+    replacement = _as_f32(e.replace[0]) if e.replace is not None else None
     if not e.saved_base:
         return replacement
     info = t.source
-    rows, row, block = block_rows(info.shape)
+    rows, row, block, _ = block_rows(info.shape)
     item = ITEMSIZE[info.dtype]
     for saved, label in e.saved_base:
-        flat = saved.reshape(rows, row)
+        flat = _as_f32(saved).reshape(rows, row)
         same = True
         for r0 in range(0, rows, block):
             r1 = min(rows, r0 + block)
-            bufs.claim("raw", 0)
             nbytes = (r1 - r0) * row * item
-            reader.read_into(info, bufs.raw_views[0][:nbytes], r0 * row * item)
-            src = bufs.raw[0][:nbytes].view(ST_TO_TORCH[info.dtype]).view(r1 - r0, row)
-            if not torch.equal(flat[r0:r1].to(torch.float32), src.to(torch.float32)):
+            src = to_f32(reader.view(info, r0 * row * item, nbytes), info.dtype).reshape(r1 - r0, row)
+            reader.release(info, r0 * row * item, nbytes)
+            if not np.array_equal(flat[r0:r1], src):
                 same = False
                 break
         if same:
@@ -219,71 +273,87 @@ def _replacement(t: OutTensor, e: Edit, reader: Reader, bufs: Buffers, report: M
             raise AdapterHubError(f"{t.name} is replaced by more than one adapter ({label} among them)",
                                   "merge them one at a time")
         report.warn(f"{label}: its saved copy of {t.name} differs from the base; using the saved copy", notify)
-        replacement = saved
+        replacement = _as_f32(saved)
     return replacement
 
 
 def _factors(deltas: list[tuple[LoraModule, float]], transposed: bool):
-    """(A (R, in), B (out, R), alpha) for one addmm_; one adapter needs no copy at all."""
+    """(left, right, rank) with delta rows [r0:r1] = left[r0:r1] @ right: every adapter's
+    factors stacked along the rank, wᵢ·sᵢ folded into B, so k adapters are ONE product."""
     mods = [(m, w) for m, w in deltas if m.transposed == transposed]
     if not mods:
         return None
-    if len(mods) == 1:
-        m, w = mods[0]
-        return m.A.to(torch.float32), m.B.to(torch.float32), m.scale * w
-    a, b = _stack(mods, transposed)
-    return a, b, 1.0
+    a = np.concatenate([_as_f32(m.A) for m, _ in mods], axis=0) if len(mods) > 1 else _as_f32(mods[0][0].A)
+    b = np.concatenate([_as_f32(m.B) * np.float32(m.scale * w) for m, w in mods], axis=1)  # (out, R)
+    if transposed:  # W stored (in, out): its rows are input features
+        return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), a.shape[0]
+    return b, a, a.shape[0]
 
 
 def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher | None, fh,
-                   bufs: Buffers, report: MergeReport, notify) -> None:
+                   pipe: Pipeline, report: MergeReport, notify) -> None:
     """W' = (replacement or W) + Σ wᵢsᵢBᵢAᵢ (+ bias deltas), row block by row block."""
     info = t.source
     e = e or Edit()
-    rows, row, block = block_rows(info.shape)
-    replacement = _replacement(t, e, reader, bufs, report, notify)
-    if replacement is not None:
-        replacement = replacement.reshape(rows, row)
-    plain = _factors(e.deltas, transposed=False)
-    trans = _factors(e.deltas, transposed=True)
+    replacement = _replacement(t, e, reader, report, notify)
+    products = [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None]
     bias = None
     if e.bias:
-        bias = sum(m.bias.to(torch.float32) * (m.scale * w) for m, w in e.bias).view(rows, row)
+        bias = sum(_as_f32(m.bias) * np.float32(m.scale * w) for m, w in e.bias)
+    rows, row, block, sub = block_rows(info.shape, max((p[2] for p in products), default=0))
+    if replacement is not None:
+        replacement = replacement.reshape(rows, row)
+    if bias is not None:
+        bias = bias.reshape(rows, row)
+    has_delta = bool(products) or bias is not None
 
-    src_t, out_t = ST_TO_TORCH[info.dtype], ST_TO_TORCH[t.dtype]
-    src_item, out_item = ITEMSIZE[info.dtype], ITEMSIZE[t.dtype]
+    src_item, out_dtype = ITEMSIZE[info.dtype], t.dtype
+    out_kind = out_dtype if out_dtype in KINDS else "F32"  # F64 output: float32 math, then widened
+    out_item = ITEMSIZE[out_kind]
     reader.begin(info)
     h = hasher.start(info) if hasher else None
-    k = 0
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         n = (r1 - r0) * row
-        bufs.claim("raw", k)  # the hash thread may still read this buffer
-        view = bufs.raw_views[k][: n * src_item]
-        reader.read_into(info, view, r0 * row * src_item)
-        if hasher:
-            bufs.hold("raw", k, hasher.update(h, view))
-        blk = bufs.f32[k][:n].view(r1 - r0, row)
-        blk.copy_(replacement[r0:r1] if replacement is not None
-                  else bufs.raw[k][: n * src_item].view(src_t).view(r1 - r0, row))
-        if plain is not None:
-            a, b, alpha = plain
-            blk.addmm_(b[r0:r1], a, alpha=alpha)  # rows of W are output features
-        if trans is not None:
-            a, b, alpha = trans
-            blk.addmm_(a[:, r0:r1].T, b.T, alpha=alpha)  # W stored (in, out): rows are input features
-        if bias is not None:
-            blk.add_(bias[r0:r1])
-        if out_t == torch.float32:
-            data = blk
+        k = pipe.next_slot()
+        view = reader.view(info, r0 * row * src_item, n * src_item)
+        futures = [hasher.update(h, view)] if h is not None else []
+        if replacement is not None:
+            src, src_kind = replacement[r0:r1], "F32"
+        elif info.dtype in KINDS:
+            src, src_kind = view, info.dtype
         else:
-            data = bufs.out[k][: n * out_item].view(out_t).view(r1 - r0, row)
-            data.copy_(blk)  # the one cast
-            if out_t == torch.float16 and not bool(torch.isfinite(data).all()):
-                raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
-                                      "use --dtype bfloat16 or float32, or smaller weights")
-        bufs.write(fh, data.reshape(-1).view(torch.uint8).numpy())
-        k ^= 1
+            src, src_kind = to_f32(view, info.dtype), "F32"
+        out = pipe.out[k][: n * out_item]
+        bad = 0
+        for s0 in range(r0, r1, sub):  # sub-blocks: the product stays in cache for the add
+            s1 = min(r1, s0 + sub)
+            m = (s1 - s0) * row
+            lo, hi = (s0 - r0) * row, (s1 - r0) * row
+            d = None
+            if has_delta:
+                d = pipe.delta[:m].reshape(s1 - s0, row)
+                for i, (left, right, _) in enumerate(products):
+                    if i == 0:
+                        np.matmul(left[s0:s1], right, out=d)
+                    else:
+                        d += left[s0:s1] @ right
+                if bias is not None:
+                    if products:
+                        d += bias[s0:s1]
+                    else:
+                        d[:] = bias[s0:s1]
+            if isinstance(src, memoryview):
+                s = src[lo * src_item : hi * src_item]
+            else:
+                s = src.reshape(-1)[lo:hi]
+            bad += add_cast(s, src_kind, d, out[lo * out_item : hi * out_item], out_kind)
+        if out_dtype == "F16" and bad:
+            raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
+                                  "use --dtype bfloat16 or float32, or smaller weights")
+        data = out if out_kind == out_dtype else out.view(np.float32).astype(np.float64)
+        pipe.busy[k].append(pipe.write(fh, data))
+        pipe.hold(futures, info, r0 * row * src_item, n * src_item)
     if hasher:
         hasher.finish(info.name, h)
     reader.end(info)
