@@ -138,3 +138,61 @@ def test_reads_an_mmap_without_copying(tmp_path):
         got, _ = _run(cast.add_cast, src, "BF16", None, "F32")
         del src
     assert np.array_equal(got, (bf.astype(np.uint32) << 16).view(np.float32))
+
+
+def _lowrank(fn, raw, src_dtype, left, packed, out_dtype):
+    rows, rank = left.shape
+    n = len(raw.view(np.uint8)) // (4 if src_dtype == "F32" else 2)
+    out = np.empty(n * (4 if out_dtype == "F32" else 2), np.uint8)
+    return out, fn(raw, src_dtype, left, packed, rank, out, out_dtype)
+
+
+@pytest.mark.parametrize("rank,rows,cols", [(1, 3, 5), (2, 7, 33), (16, 9, 100), (40, 4, 64), (128, 3, 70)])
+def test_lowrank_c_and_numpy_agree_and_are_fma_exact(rank, rows, cols):
+    rng = np.random.default_rng(rank * 1000 + cols)
+    left = (rng.standard_normal((rows, rank)) * rng.choice([1e-3, 1.0, 30.0], (rows, rank))).astype(np.float32)
+    right = (rng.standard_normal((rank, cols)) * 0.01).astype(np.float32)
+    w = (rng.standard_normal(rows * cols) * 0.02).astype(np.float32)
+    packed = cast.pack_right(right)
+    truth = w.astype(np.float64).reshape(rows, cols) + left.astype(np.float64) @ right.astype(np.float64)
+    for src_dtype in ("BF16", "F16", "F32"):
+        raw = _run(cast._numpy_add_cast, w, "F32", None, src_dtype)[0]
+        base = _run(cast._numpy_add_cast, raw, src_dtype, None, "F32")[0].astype(np.float64)
+        truth = base.reshape(rows, cols) + left.astype(np.float64) @ right.astype(np.float64)
+        for out_dtype in ("BF16", "F16", "F32"):
+            ours, bad = _lowrank(cast._numpy_lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
+            if cast.have_c_kernel():
+                c, cbad = _lowrank(cast._kernels.lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
+                assert c.tobytes() == ours.tobytes() and cbad == bad, (src_dtype, out_dtype)
+            got = _run(cast._numpy_add_cast, ours.view(np.uint16 if out_dtype != "F32" else np.float32),
+                       out_dtype, None, "F32")[0].reshape(rows, cols)
+            # float32 accumulation: within a few float32 ulps of the float64 truth, before the cast
+            step = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-22}[out_dtype]
+            tol = np.abs(truth) * step + np.abs(left.astype(np.float64)) @ np.abs(right) * 2.0**-20 + 1e-30
+            assert bool((np.abs(got - truth) <= tol + (6e-8 if out_dtype == "F16" else 0)).all())
+
+
+def test_numpy_fma_is_correctly_rounded():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(200_000).astype(np.float32)
+    b = rng.standard_normal(200_000).astype(np.float32)
+    # c chosen so that a·b + c often lands near float32 midpoints
+    c = (-(a.astype(np.float64) * b)).astype(np.float32) * np.float32(1 - 2.0**-20)
+    got = cast._fma(a, b, c)
+    if cast.have_c_kernel():  # the kernel at rank 2: acc = fma(1, c, 0) = c, then fma(a, b, c)
+        packed = np.zeros((1, 2, cast.TILE), np.float32)
+        for i in range(0, 200_000, 101):
+            packed[0, :, 0] = [c[i], b[i]]
+            o = np.empty(4, np.uint8)
+            cast._kernels.lowrank_add_cast(np.zeros(1, np.float32), "F32", np.array([[1.0, a[i]]], np.float32),
+                                           packed, 2, o, "F32")
+            assert o.view(np.float32)[0] == got[i] or (np.isnan(got[i]) and np.isnan(o.view(np.float32)[0]))
+    # and against exact rational arithmetic on a sample
+    from fractions import Fraction
+
+    for i in range(0, 200_000, 997):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        r = got[i]
+        lo, hi = np.nextafter(r, np.float32(-np.inf)), np.nextafter(r, np.float32(np.inf))
+        err = abs(Fraction(float(r)) - exact)
+        assert err <= abs(Fraction(float(lo)) - exact) and err <= abs(Fraction(float(hi)) - exact)

@@ -22,6 +22,7 @@ This module must not import transformers (6-8 s of start-up for nothing), nor to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,6 @@ from ..errors import AdapterHubError, BaseMismatch
 from ..fingerprint import FP_PREFIX, Fingerprint, cached_fingerprint, combine, store_fingerprint
 from ..fsutil import atomic_dir
 from ..lora import LoraModule
-from .blas import blas_threads
 from .inputs import MergeInput
 from .io import (
     FLOAT_ST,
@@ -51,7 +51,15 @@ from .io import (
 )
 from .plan import LM_HEAD, embedding_key, load_config, plan_edits
 from .report import MergeReport, stderr_notify
-from .stream import Hasher, Pipeline, _as_f32, block_rows, compute_tensor, copy_tensor
+from .stream import (
+    LOWRANK_SPLIT,
+    Hasher,
+    Pipeline,
+    _as_f32,
+    block_rows,
+    compute_tensor,
+    copy_tensor,
+)
 
 
 def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | None = "auto",
@@ -125,24 +133,24 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     for t in out_tensors:
         e = edits.get(t.name)
         if (e and e.touches()) or t.dtype != t.source.dtype:
-            _, row, block, _ = block_rows(t.shape)
+            _, row, block = block_rows(t.shape)
             max_out = max(max_out, block * row * max(4, ITEMSIZE.get(t.dtype, 4)))
             max_delta = max(max_delta, block * row)
     reader = reader or Reader()
-    pipe = Pipeline(reader, max_out, max_delta)
+    # Stacked adapters (rank > 64) make the products real compute: a second thread takes half
+    # of each block's rows. At rank 16 one compute thread keeps up with the writer and hasher.
+    ranks = [sum(m.rank for m, _ in e.deltas) for e in edits.values() if e.deltas]
+    helper = max(ranks, default=0) > LOWRANK_SPLIT and (os.cpu_count() or 1) > 1
+    pipe = Pipeline(reader, max_out, max_delta, helper=helper)
     hasher = Hasher(enabled=found is None)
     stats = {"tensors": len(out_tensors), "modified": 0, "copied": 0, "bytes_written": 0}
-    # The products of stacked adapters (rank > 64) use both cores; a rank-16 product is
-    # memory-bound and runs in cache-sized pieces on one thread, beside the writer and hasher.
-    ranks = [sum(m.rank for m, _ in e.deltas) for e in edits.values() if e.deltas]
-    threads = 0 if max(ranks, default=0) > 64 else 1
 
     from ..progress import bar
 
     pbar = bar(total=len(out_tensors), desc="merge", unit="tensor") if progress else None
     failed = True
     try:
-        with blas_threads(threads), atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
             for shard, fname in zip(shards, names):
                 with open(tmp / fname, "wb", buffering=0) as fh:
                     try:

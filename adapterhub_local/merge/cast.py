@@ -82,3 +82,62 @@ def add_cast(src, src_dtype: str, delta, out, out_dtype: str) -> int:
 
 def have_c_kernel() -> bool:
     return _kernels is not None
+
+
+TILE = 16  # columns per tile of the packed right factor (the C kernel's register tile)
+
+
+def pack_right(right: np.ndarray) -> np.ndarray:
+    """(rank, cols) float32 -> tiles of 16 columns, [tile][k][16], zero-padded: the layout
+    lowrank_add_cast reads, so one tile's factors are contiguous."""
+    rank, cols = right.shape
+    tiles = -(-cols // TILE)
+    padded = np.zeros((rank, tiles * TILE), dtype=np.float32)
+    padded[:, :cols] = right
+    return np.ascontiguousarray(padded.reshape(rank, tiles, TILE).transpose(1, 0, 2))
+
+
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma(a, b, c), correctly rounded, in numpy: a·b is exact in float64; the sum
+    rounded to float64 is then rounded to float32 exactly right unless it landed on a float32
+    midpoint that the exact sum (s + e, e from TwoSum) is not on, which is fixed by e's sign."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = p + c64
+    bb = s - p
+    e = (p - (s - bb)) + (c64 - bb)
+    r = s.astype(np.float32)
+    r64 = r.astype(np.float64)
+    other = np.nextafter(r, np.where(s > r64, np.float32(np.inf), np.float32(-np.inf)))
+    tie = (r64 != s) & (s == (r64 + other.astype(np.float64)) * 0.5) & (e != 0)
+    if tie.any():
+        fix = np.where(e > 0, np.maximum(r, other), np.minimum(r, other))
+        r = np.where(tie, fix, r)
+    return r
+
+
+def _numpy_lowrank_add_cast(src, src_dtype: str, left, packed, rank: int, out, out_dtype: str) -> int:
+    left = np.asarray(left, dtype=np.float32).reshape(-1, rank)
+    tiles = np.asarray(packed, dtype=np.float32).reshape(-1, rank, TILE)
+    right = tiles.transpose(1, 0, 2).reshape(rank, -1)
+    rows = left.shape[0]
+    n = memoryview(out).nbytes // (4 if out_dtype == "F32" else 2)
+    cols = n // rows if rows else 0
+    right = right[:, :cols]
+    acc = np.zeros((rows, cols), dtype=np.float32)
+    with np.errstate(all="ignore"):
+        for k in range(rank):  # fma chain in rank order, from 0: the C kernel's order
+            acc = _fma(left[:, k : k + 1], right[k : k + 1, :], acc)
+    return _numpy_add_cast(src, src_dtype, acc.reshape(-1), out, out_dtype)
+
+
+def lowrank_add_cast(src, src_dtype: str, left: np.ndarray, packed: np.ndarray, rank: int, out,
+                     out_dtype: str) -> int:
+    """out = cast(float32(src) + left @ right) for a block of rows, ``packed`` = pack_right(right).
+    Every product value is an fma chain in rank order, so the bits do not depend on block
+    sizes or threads; C and the numpy fallback agree bit for bit. Returns the non-finite count."""
+    if _kernels is not None:
+        return _kernels.lowrank_add_cast(src, src_dtype, left, packed, rank, out, out_dtype)
+    if src_dtype not in KINDS or out_dtype not in KINDS:
+        raise ValueError(f"unsupported dtype pair {src_dtype} -> {out_dtype}")
+    return _numpy_lowrank_add_cast(src, src_dtype, left, packed, rank, out, out_dtype)

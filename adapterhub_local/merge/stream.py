@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import AdapterHubError
 from ..fingerprint import _tensor_head
 from ..lora import LoraModule
-from .cast import KINDS, add_cast, to_f32
+from .cast import KINDS, add_cast, lowrank_add_cast, pack_right, to_f32
 from .io import ITEMSIZE, OutTensor, Reader, numel
 from .plan import Edit
 from .report import MergeReport
@@ -40,7 +40,7 @@ CHUNK = 8 * 1024 * 1024  # copy / hash granularity for untouched tensors
 WRITE_PIECE = 256 * 1024
 WRITEBACK = 64 * 1024 * 1024  # start writeback of the output every 64 MiB
 BLOCK_ELEMS = 1024 * 1024  # elements per row block: one write, one hash update
-SUB_ELEMS = 64 * 1024  # elements per product at low rank: the float32 delta stays in cache
+LOWRANK_SPLIT = 64  # above this (stacked) rank a block's rows are split over two cores
 HELD_BYTES = 64 * 1024 * 1024  # mapped bytes waiting for a hash or a write, at most
 SLOTS = 4  # output buffers in flight to the writer
 
@@ -77,9 +77,11 @@ class Pipeline:
     """Ordered writes on one writer thread, reusable output buffers, and the release of
     mapped ranges once every thread that reads them is done."""
 
-    def __init__(self, reader: Reader, max_out: int, max_delta: int):
+    def __init__(self, reader: Reader, max_out: int, max_delta: int, helper: bool = False):
         self.reader = reader
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
+        # a second compute thread, for high-rank products (the C kernel releases the GIL)
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix="merge-compute") if helper else None
         self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(SLOTS)]
         self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
         self.busy: list[list[Future]] = [[] for _ in range(SLOTS)]
@@ -141,6 +143,8 @@ class Pipeline:
         if error:
             self.failed = True  # queued writes return at once; nothing touches a closed file
         self.writer.shutdown(wait=True, cancel_futures=error)
+        if self.helper is not None:
+            self.helper.shutdown(wait=True)
         self.held.clear()
 
     # --- the writer thread's side
@@ -205,15 +209,12 @@ class Pipeline:
             raise
 
 
-def block_rows(shape, rank: int = 0) -> tuple[int, int, int, int]:
-    """(rows, elements per row, rows per block, rows per product sub-block)."""
+def block_rows(shape) -> tuple[int, int, int]:
+    """(rows, elements per row, rows per block)."""
     shape = list(shape) or [1]
     rows = int(shape[0])
     row = max(1, numel(shape) // max(rows, 1))
-    block = max(1, min(rows, BLOCK_ELEMS // row))
-    # a low-rank product is memory-bound: small pieces keep it (and the add after it) in cache
-    sub = max(1, min(block, (SUB_ELEMS if rank <= 64 else BLOCK_ELEMS) // row))
-    return rows, row, block, sub
+    return rows, row, max(1, min(rows, BLOCK_ELEMS // row))
 
 
 def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pipeline) -> None:
@@ -254,7 +255,7 @@ def _replacement(t: OutTensor, e: Edit, reader: Reader, report: MergeReport, not
     if not e.saved_base:
         return replacement
     info = t.source
-    rows, row, block, _ = block_rows(info.shape)
+    rows, row, block = block_rows(info.shape)
     item = ITEMSIZE[info.dtype]
     for saved, label in e.saved_base:
         flat = _as_f32(saved).reshape(rows, row)
@@ -300,12 +301,17 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     bias = None
     if e.bias:
         bias = sum(_as_f32(m.bias) * np.float32(m.scale * w) for m, w in e.bias)
-    rows, row, block, sub = block_rows(info.shape, max((p[2] for p in products), default=0))
+    rows, row, block = block_rows(info.shape)
     if replacement is not None:
         replacement = replacement.reshape(rows, row)
     if bias is not None:
         bias = bias.reshape(rows, row)
-    has_delta = bool(products) or bias is not None
+    # the usual case: one product (all adapters stacked), fused with the add and the cast in C
+    fused = len(products) == 1 and bias is None
+    if fused:
+        left, right, rank = products[0]
+        packed = pack_right(right)
+        split = pipe.helper is not None and rank > LOWRANK_SPLIT
 
     src_item, out_dtype = ITEMSIZE[info.dtype], t.dtype
     out_kind = out_dtype if out_dtype in KINDS else "F32"  # F64 output: float32 math, then widened
@@ -319,35 +325,34 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
         view = reader.view(info, r0 * row * src_item, n * src_item)
         futures = [hasher.update(h, view)] if h is not None else []
         if replacement is not None:
-            src, src_kind = replacement[r0:r1], "F32"
+            src, src_kind = replacement[r0:r1].reshape(-1), "F32"
         elif info.dtype in KINDS:
             src, src_kind = view, info.dtype
         else:
             src, src_kind = to_f32(view, info.dtype), "F32"
         out = pipe.out[k][: n * out_item]
-        bad = 0
-        for s0 in range(r0, r1, sub):  # sub-blocks: the product stays in cache for the add
-            s1 = min(r1, s0 + sub)
-            m = (s1 - s0) * row
-            lo, hi = (s0 - r0) * row, (s1 - r0) * row
+        if fused and split and r1 - r0 > 1:  # a high-rank product: the other core takes half the rows
+            mid = (r0 + r1) // 2
+            m = (mid - r0) * row
+            s_item = ITEMSIZE[src_kind]
+            src = memoryview(src).cast("B")
+            other = pipe.helper.submit(lowrank_add_cast, src[m * s_item :], src_kind, left[mid:r1], packed,
+                                       rank, out[m * out_item :], out_kind)
+            bad = lowrank_add_cast(src[: m * s_item], src_kind, left[r0:mid], packed, rank,
+                                   out[: m * out_item], out_kind)
+            bad += other.result()
+        elif fused:
+            bad = lowrank_add_cast(src, src_kind, left[r0:r1], packed, rank, out, out_kind)
+        else:
             d = None
-            if has_delta:
-                d = pipe.delta[:m].reshape(s1 - s0, row)
-                for i, (left, right, _) in enumerate(products):
-                    if i == 0:
-                        np.matmul(left[s0:s1], right, out=d)
-                    else:
-                        d += left[s0:s1] @ right
+            if products or bias is not None:
+                d = pipe.delta[:n].reshape(r1 - r0, row)
+                d[:] = 0
+                for lf, rt, _ in products:
+                    d += lf[r0:r1] @ rt
                 if bias is not None:
-                    if products:
-                        d += bias[s0:s1]
-                    else:
-                        d[:] = bias[s0:s1]
-            if isinstance(src, memoryview):
-                s = src[lo * src_item : hi * src_item]
-            else:
-                s = src.reshape(-1)[lo:hi]
-            bad += add_cast(s, src_kind, d, out[lo * out_item : hi * out_item], out_kind)
+                    d += bias[r0:r1]
+            bad = add_cast(src, src_kind, d, out, out_kind)
         if out_dtype == "F16" and bad:
             raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
                                   "use --dtype bfloat16 or float32, or smaller weights")
