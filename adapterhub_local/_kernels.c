@@ -226,10 +226,15 @@ static uint32_t lowrank_fma(int sk, const char *sp, const float *left, const flo
                             char *op, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t rank) {
     uint32_t bad = 0;
     Py_ssize_t tiles = (cols + TILE - 1) / TILE;
+    /* column panels whose packed factors (rank x panel x 16 floats) fit in L2 */
+    Py_ssize_t panel = 65536 / (rank * TILE);
+    if (panel < 1) panel = 1;
+    for (Py_ssize_t p0 = 0; p0 < tiles; p0 += panel) {
+    Py_ssize_t p1 = p0 + panel < tiles ? p0 + panel : tiles;
     Py_ssize_t i = 0;
     for (; i + ROWS <= rows; i += ROWS) {
         const float *l = left + i * rank;
-        for (Py_ssize_t t = 0; t < tiles; t++) {
+        for (Py_ssize_t t = p0; t < p1; t++) {
             const float *r = packed + t * rank * TILE;
             /* named registers, not an array: GCC keeps them in ymm0-11 across the k loop */
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
@@ -252,9 +257,9 @@ static uint32_t lowrank_fma(int sk, const char *sp, const float *left, const flo
             bad += tile_out(sk, sp, ok, op, at + 5 * cols, width, f0, f1);
         }
     }
-    for (; i < rows; i++) {
+    for (; i < rows; i++) {  /* the last rows% 6 rows (callers cut blocks at multiples of 6) */
         const float *l0 = left + i * rank;
-        for (Py_ssize_t t = 0; t < tiles; t++) {
+        for (Py_ssize_t t = p0; t < p1; t++) {
             const float *r = packed + t * rank * TILE;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0;
             for (Py_ssize_t k = 0; k < rank; k++, r += TILE) {
@@ -265,6 +270,7 @@ static uint32_t lowrank_fma(int sk, const char *sp, const float *left, const flo
             Py_ssize_t j0 = t * TILE, width = cols - j0 < TILE ? cols - j0 : TILE;
             bad += tile_out(sk, sp, ok, op, i * cols + j0, width, a0, a1);
         }
+    }
     }
     return bad;
 }

@@ -170,8 +170,10 @@ def _read_numpy(path: Path) -> tuple[dict, dict]:
     try:
         infos, metadata = read_header(path)
         data = path.read_bytes()
-    except InvalidModel as e:
-        raise InvalidAdapter(path, e.problem) from None
+    except InvalidModel as e:  # worded as the torch path words it
+        msg = e.problem if e.problem.startswith("not a readable") else (
+            f"not a readable safetensors file, truncated or corrupt ({e.problem})")
+        raise InvalidAdapter(path, msg) from None
     except OSError as e:
         raise InvalidAdapter(path, f"not a readable safetensors file ({e.strerror})") from None
     tensors = {}

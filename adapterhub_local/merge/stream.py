@@ -209,12 +209,18 @@ class Pipeline:
             raise
 
 
+KERNEL_ROWS = 6  # the C kernel's row group: blocks (and halves of blocks) are cut at multiples of it
+
+
 def block_rows(shape) -> tuple[int, int, int]:
     """(rows, elements per row, rows per block)."""
     shape = list(shape) or [1]
     rows = int(shape[0])
     row = max(1, numel(shape) // max(rows, 1))
-    return rows, row, max(1, min(rows, BLOCK_ELEMS // row))
+    block = max(1, BLOCK_ELEMS // row)
+    if block >= 2 * KERNEL_ROWS:
+        block -= block % (2 * KERNEL_ROWS)
+    return rows, row, min(rows, block)
 
 
 def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pipeline) -> None:
@@ -332,7 +338,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
             src, src_kind = to_f32(view, info.dtype), "F32"
         out = pipe.out[k][: n * out_item]
         if fused and split and r1 - r0 > 1:  # a high-rank product: the other core takes half the rows
-            mid = (r0 + r1) // 2
+            mid = r0 + max(1, (r1 - r0) // 2 // KERNEL_ROWS * KERNEL_ROWS)
             m = (mid - r0) * row
             s_item = ITEMSIZE[src_kind]
             src = memoryview(src).cast("B")
