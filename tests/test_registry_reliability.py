@@ -26,7 +26,8 @@ from test_registry import make_adapter
 WORKER = textwrap.dedent(r"""
     import json, os, sys, time, traceback
     from pathlib import Path
-    import adapterhub_local.peft_format  # noqa: F401  (torch is imported here, before any fork)
+    import torch  # noqa: F401  (imported once here, before any fork; peft_format no longer does)
+    import adapterhub_local.peft_format  # noqa: F401
     from adapterhub_local.registry import open_registry
 
     home, jobs, parallel = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "parallel"
