@@ -151,3 +151,22 @@ def test_bf16_merge_is_never_further_from_float32_truth_than_peft(llama, adapter
         assert int((ours[key] != truth.float().to(torch.bfloat16)).sum()) <= max(1, truth.numel() // 1000)
         checked += 1
     assert checked == len(ad.modules) > 0
+
+
+def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, monkeypatch):
+    """Stacked adapters above LOWRANK_SPLIT run blocks on a pool of compute threads; the fma
+    chain makes every value independent of threads and block sizes: identical bytes."""
+    import adapterhub_local.merge.stream as st
+
+    ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=20 + i, r=24,
+                             target_modules=["q_proj", "down_proj", "gate_proj"]) for i in range(3)]
+    inputs = resolve_inputs([str(a) for a in ads], [0.5, 1.0, -0.25], arrays="numpy")
+    assert sum(inp.adapter.ranks[0] for inp in inputs) > st.LOWRANK_SPLIT
+    monkeypatch.setattr(st, "BLOCK_ELEMS", 1000)  # many blocks per tensor, several in flight
+    pooled = tmp_path / "pooled"
+    merge_into_base(llama, inputs, pooled, progress=False, notify=None)
+    monkeypatch.setattr(st, "LOWRANK_SPLIT", 10_000)
+    monkeypatch.setattr(st, "BLOCK_ELEMS", 1024 * 1024)
+    single = tmp_path / "single"
+    merge_into_base(llama, inputs, single, progress=False, notify=None)
+    assert _files(pooled) == _files(single)

@@ -137,11 +137,11 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
             max_out = max(max_out, block * row * max(4, ITEMSIZE.get(t.dtype, 4)))
             max_delta = max(max_delta, block * row)
     reader = reader or Reader()
-    # Stacked adapters (rank > 64) make the products real compute: a second thread takes half
-    # of each block's rows. At rank 16 one compute thread keeps up with the writer and hasher.
+    # Stacked adapters (rank > 64) make the products real compute: one compute thread per core,
+    # whole blocks each. At rank 16 the main thread alone keeps up with the writer and hasher.
     ranks = [sum(m.rank for m, _ in e.deltas) for e in edits.values() if e.deltas]
-    helper = max(ranks, default=0) > LOWRANK_SPLIT and (os.cpu_count() or 1) > 1
-    pipe = Pipeline(reader, max_out, max_delta, helper=helper)
+    workers = (os.cpu_count() or 1) if max(ranks, default=0) > LOWRANK_SPLIT else 0
+    pipe = Pipeline(reader, max_out, max_delta, workers=workers if workers > 1 else 0)
     hasher = Hasher(enabled=found is None)
     stats = {"tensors": len(out_tensors), "modified": 0, "copied": 0, "bytes_written": 0}
 

@@ -40,7 +40,7 @@ CHUNK = 8 * 1024 * 1024  # copy / hash granularity for untouched tensors
 WRITE_PIECE = 256 * 1024
 WRITEBACK = 64 * 1024 * 1024  # start writeback of the output every 64 MiB
 BLOCK_ELEMS = 1024 * 1024  # elements per row block: one write, one hash update
-LOWRANK_SPLIT = 64  # above this (stacked) rank a block's rows are split over two cores
+LOWRANK_SPLIT = 64  # above this (stacked) rank, blocks are computed on every core
 HELD_BYTES = 64 * 1024 * 1024  # mapped bytes waiting for a hash or a write, at most
 SLOTS = 4  # output buffers in flight to the writer
 
@@ -77,11 +77,13 @@ class Pipeline:
     """Ordered writes on one writer thread, reusable output buffers, and the release of
     mapped ranges once every thread that reads them is done."""
 
-    def __init__(self, reader: Reader, max_out: int, max_delta: int, helper: bool = False):
+    def __init__(self, reader: Reader, max_out: int, max_delta: int, workers: int = 0):
         self.reader = reader
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
-        # a second compute thread, for high-rank products (the C kernel releases the GIL)
-        self.helper = ThreadPoolExecutor(1, thread_name_prefix="merge-compute") if helper else None
+        # compute threads for high-rank products: whole blocks in flight on every core (the C
+        # kernel releases the GIL), so a core that falls behind never stalls the other
+        self.compute = ThreadPoolExecutor(workers, thread_name_prefix="merge-compute") if workers else None
+        self.workers = workers
         self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(SLOTS)]
         self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
         self.busy: list[list[Future]] = [[] for _ in range(SLOTS)]
@@ -143,8 +145,8 @@ class Pipeline:
         if error:
             self.failed = True  # queued writes return at once; nothing touches a closed file
         self.writer.shutdown(wait=True, cancel_futures=error)
-        if self.helper is not None:
-            self.helper.shutdown(wait=True)
+        if self.compute is not None:
+            self.compute.shutdown(wait=True, cancel_futures=error)
         self.held.clear()
 
     # --- the writer thread's side
@@ -209,7 +211,7 @@ class Pipeline:
             raise
 
 
-KERNEL_ROWS = 6  # the C kernel's row group: blocks (and halves of blocks) are cut at multiples of it
+KERNEL_ROWS = 6  # the C kernel's row group: blocks are cut at multiples of it
 
 
 def block_rows(shape) -> tuple[int, int, int]:
@@ -317,11 +319,23 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     if fused:
         left, right, rank = products[0]
         packed = pack_right(right)
-        split = pipe.helper is not None and rank > LOWRANK_SPLIT
+    pool = pipe.compute if fused and rank > LOWRANK_SPLIT else None
 
     src_item, out_dtype = ITEMSIZE[info.dtype], t.dtype
     out_kind = out_dtype if out_dtype in KINDS else "F32"  # F64 output: float32 math, then widened
     out_item = ITEMSIZE[out_kind]
+    inflight: collections.deque = collections.deque()
+
+    def finish() -> None:  # in block order: check, hand to the writer, release the mapped range
+        bad, k, out, futures, r0, n = inflight.popleft()
+        bad = bad.result() if isinstance(bad, Future) else bad
+        if out_dtype == "F16" and bad:
+            raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
+                                  "use --dtype bfloat16 or float32, or smaller weights")
+        data = out if out_kind == out_dtype else out.view(np.float32).astype(np.float64)
+        pipe.busy[k].append(pipe.write(fh, data))
+        pipe.hold(futures, info, r0 * row * src_item, n * src_item)
+
     reader.begin(info)
     h = hasher.start(info) if hasher else None
     for r0 in range(0, rows, block):
@@ -337,16 +351,8 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
         else:
             src, src_kind = to_f32(view, info.dtype), "F32"
         out = pipe.out[k][: n * out_item]
-        if fused and split and r1 - r0 > 1:  # a high-rank product: the other core takes half the rows
-            mid = r0 + max(1, (r1 - r0) // 2 // KERNEL_ROWS * KERNEL_ROWS)
-            m = (mid - r0) * row
-            s_item = ITEMSIZE[src_kind]
-            src = memoryview(src).cast("B")
-            other = pipe.helper.submit(lowrank_add_cast, src[m * s_item :], src_kind, left[mid:r1], packed,
-                                       rank, out[m * out_item :], out_kind)
-            bad = lowrank_add_cast(src[: m * s_item], src_kind, left[r0:mid], packed, rank,
-                                   out[: m * out_item], out_kind)
-            bad += other.result()
+        if pool is not None:
+            bad = pool.submit(lowrank_add_cast, src, src_kind, left[r0:r1], packed, rank, out, out_kind)
         elif fused:
             bad = lowrank_add_cast(src, src_kind, left[r0:r1], packed, rank, out, out_kind)
         else:
@@ -359,12 +365,11 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
                 if bias is not None:
                     d += bias[r0:r1]
             bad = add_cast(src, src_kind, d, out, out_kind)
-        if out_dtype == "F16" and bad:
-            raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
-                                  "use --dtype bfloat16 or float32, or smaller weights")
-        data = out if out_kind == out_dtype else out.view(np.float32).astype(np.float64)
-        pipe.busy[k].append(pipe.write(fh, data))
-        pipe.hold(futures, info, r0 * row * src_item, n * src_item)
+        inflight.append((bad, k, out, futures, r0, n))
+        while len(inflight) >= (pipe.workers if pool is not None else 1):  # one block per worker
+            finish()
+    while inflight:
+        finish()
     if hasher:
         hasher.finish(info.name, h)
     reader.end(info)
