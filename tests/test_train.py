@@ -202,7 +202,7 @@ def test_fused_loss_equals_plain_cross_entropy(base):
     labels[2, 9:] = -100
     results = []
     for fused in (True, False):
-        fn = CausalLMLoss(model, fused=fused, chunk_elems=64 * 7)  # several chunks
+        fn = CausalLMLoss(model, fused=fused, chunk_elems=64 * 7, block_elems=64 * 3)  # several chunks, blocks
         assert fn.fused == fused
         for p in model.parameters():
             p.grad = None

@@ -22,31 +22,60 @@ PLAIN_HEAD_TYPES = {
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i), with d/dh = (softmax - onehot) @ W worked out in the same pass.
+
+    The logits of a chunk are one large GEMM into a reused buffer (large GEMMs run near
+    the matmul peak, small ones do not); the row-wise softmax then runs on cache-sized
+    blocks of that buffer, in place, and the gradient is one more large GEMM."""
+
     @staticmethod
-    def forward(ctx, h, weight, targets, rows):
+    def forward(ctx, h, weight, targets, rows, block):
         need_grad = ctx.needs_input_grad[0]
-        w = weight.float()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight if weight.dtype == torch.float32 else weight.float()
+        n = h.shape[0]
+        rows = -(-n // max(1, -(-n // rows)))  # equal chunks: no small GEMM at the end
+        buf = torch.empty((min(rows, n), w.shape[0]), dtype=torch.float32, device=h.device)
         grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-        for s in range(0, h.shape[0], rows):
+        losses = []
+        for s in range(0, n, rows):
             hc = h[s:s + rows].float()
-            tc = targets[s:s + rows]
-            logits = hc @ w.T
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, tc[:, None]).squeeze(1)
-            total += (lse - picked).sum()
+            logits = torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
+            losses.append(_softmax_xent_(logits, targets[s:s + rows], block, hc, w))
             if need_grad:
-                logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                logits.scatter_add_(1, tc[:, None], torch.full_like(picked[:, None], -1.0))
-                grad[s:s + rows] = logits @ w
+                torch.mm(logits, w, out=grad[s:s + rows])
         if need_grad:
             ctx.save_for_backward(grad.to(h.dtype))
-        return total
+        return torch.cat(losses).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
+_TINY = 1e-30  # below this a softmax probability has lost its precision: recompute that row
+
+
+def _softmax_xent_(logits, targets, block, hc, w):
+    """Per-row -log softmax(logits)[target]; leaves softmax - onehot in ``logits``."""
+    idx = targets[:, None]
+    probs = []
+    for b in range(0, logits.shape[0], block):
+        x = logits[b:b + block]
+        if x.device.type == "cpu":
+            torch._softmax(x, 1, False, out=x)  # in place: the block stays in cache
+        else:
+            x.copy_(torch.softmax(x, 1))
+        probs.append(x.gather(1, idx[b:b + block]).squeeze(1))
+        x.scatter_add_(1, idx[b:b + block], torch.full((x.shape[0], 1), -1.0, device=x.device))
+    p = torch.cat(probs)
+    loss = -torch.log(p)
+    tiny = p < _TINY
+    if bool(tiny.any()):  # a confidently wrong row: the loss from the logits themselves
+        rows = tiny.nonzero().squeeze(1)
+        z = hc[rows] @ w.t()
+        loss[rows] = torch.logsumexp(z, 1) - z.gather(1, idx[rows]).squeeze(1)
+    return loss
 
 
 def plain_head(model: nn.Module) -> nn.Linear | None:
@@ -71,11 +100,15 @@ class CausalLMLoss(nn.Module):
     path we actually run.
     """
 
-    def __init__(self, model: nn.Module, fused: bool = True, chunk_elems: int = 8 * 1024 * 1024):
+    def __init__(self, model: nn.Module, fused: bool = True, chunk_elems: int = 32 * 1024 * 1024,
+                 block_elems: int = 1024 * 1024):
         super().__init__()
         self.model = model
         self.head = plain_head(model) if fused else None
+        # chunk: rows of logits per GEMM (128 MB of float32); block: rows the softmax
+        # works on at a time (4 MB, so it stays in cache between its passes)
         self.chunk_elems = chunk_elems
+        self.block_elems = block_elems
 
     @property
     def fused(self) -> bool:
@@ -91,8 +124,10 @@ class CausalLMLoss(nn.Module):
             backbone = getattr(self.model, self.model.base_model_prefix)
             hidden = backbone(**kw)[0][:, :-1]
             h = hidden[keep]
-            rows = max(1, self.chunk_elems // self.head.weight.shape[0])
-            return _LinearCrossEntropy.apply(h, self.head.weight, targets[keep], rows)
+            vocab = self.head.weight.shape[0]
+            rows = max(1, self.chunk_elems // vocab)
+            block = max(1, self.block_elems // vocab)
+            return _LinearCrossEntropy.apply(h, self.head.weight, targets[keep], rows, block)
         logits = self.model(**kw).logits[:, :-1]
         return nn.functional.cross_entropy(
             logits[keep].float(), targets[keep], reduction="sum")
