@@ -35,6 +35,7 @@ from ..peft_format import CONFIG_NAME, WEIGHTS_NAME
 from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .config import TrainConfig, TrainConfigError
+from .cpu_speed import tuned_allocator, use_onednn
 from .distributed import Dist, setup, teardown, wrap
 from .lora_layers import extract_adapter, inject_lora, load_lora_weights
 from .loss import CausalLMLoss
@@ -236,7 +237,8 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
     d, device = setup(config.device)
     threads = torch.get_num_threads()
     try:
-        return _train(config, d, device, on_step)
+        with tuned_allocator(config.tune_allocator and device.type == "cpu"):
+            return _train(config, d, device, on_step)
     finally:
         torch.set_num_threads(threads)  # we may have changed it for this run only
         teardown(d)
@@ -310,6 +312,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay)
     loss_fn = CausalLMLoss(model)
+    if cfg.onednn and device.type == "cpu" and not cfg.bf16:
+        use_onednn(model, skip=[loss_fn.head] if loss_fn.fused else [])
     ddp = wrap(loss_fn, d, device)
 
     # ---- the plan: global micro-batches of batch_size × world, grad_accum per step -----

@@ -1,0 +1,126 @@
+"""The trainer's speed work changes no math: fused loss blocks, oneDNN Linears, the allocator."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+from adapterhub_local.trainer import cpu_speed
+from adapterhub_local.trainer.cpu_speed import (
+    OneDNNLinear,
+    restore_linears,
+    tuned_allocator,
+    use_onednn,
+)
+from adapterhub_local.trainer.loss import _LinearCrossEntropy
+from torch import nn
+
+needs_onednn = pytest.mark.skipif(cpu_speed._onednn_op() is None, reason="this torch has no oneDNN")
+
+
+def _reference(h, w, t):
+    logits = h @ w.T
+    return nn.functional.cross_entropy(logits.double(), t, reduction="sum")
+
+
+@pytest.mark.parametrize("rows,block", [(1000, 1000), (7, 3), (5, 1), (16, 16)])
+def test_linear_cross_entropy_equals_cross_entropy(rows, block):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 24, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(50, 24, generator=g)
+    t = torch.randint(0, 50, (37,), generator=g)
+    loss = _LinearCrossEntropy.apply(h, w, t, rows, block)
+    (grad,) = torch.autograd.grad(loss * 0.5, h)
+    hd = h.detach().double().requires_grad_()
+    ref = _reference(hd, w.double(), t)
+    (ref_grad,) = torch.autograd.grad(ref * 0.5, hd)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_confidently_wrong_rows_stay_finite():
+    # target probability far below float32's smallest normal: softmax underflows to 0 there,
+    # and the loss must come from the logits themselves (as cross_entropy's does), not inf
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 8, generator=g)
+    w = torch.randn(30, 8, generator=g) * 40
+    t = (h @ w.T).argmin(1)  # the least likely token, ~1e-100 and beyond
+    t[0] = (h[0] @ w.T).argmax()  # and one easy row
+    loss = _LinearCrossEntropy.apply(h.requires_grad_(), w, t, 4, 2)
+    ref = _reference(h.detach().double(), w.double(), t)
+    assert torch.isfinite(loss) and float(ref) > 9 * 87  # past exp's float32 range
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
+    (grad,) = torch.autograd.grad(loss, h)
+    assert torch.isfinite(grad).all()
+
+
+def _net(bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 20, bias=bias), nn.SiLU(), nn.Linear(20, 6, bias=False))
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_linear_forward_and_input_grad(bias):
+    net = _net(bias).requires_grad_(False)
+    plain = _net(bias).requires_grad_(False)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    gy = torch.randn(3, 5, 6)
+    y0 = plain(x)
+    (gx0,) = torch.autograd.grad(y0, x, gy)
+    keys = list(net.state_dict())
+    assert use_onednn(net) == 2
+    assert all(type(m) is OneDNNLinear for m in (net[0], net[2]))
+    assert list(net.state_dict()) == keys  # names and parameters untouched
+    y1 = net(x)
+    (gx1,) = torch.autograd.grad(y1, x, gy)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        xs = x.transpose(0, 1)  # strided input
+        torch.testing.assert_close(net(xs), plain(xs), rtol=1e-5, atol=1e-6)
+    restore_linears(net)
+    assert type(net[0]) is nn.Linear
+
+
+@needs_onednn
+def test_onednn_leaves_trainable_lm_head_skip_and_other_dtypes_alone():
+    net = _net()
+    net[0].requires_grad_(False)  # net[2] trainable: must keep its weight gradient
+    head = nn.Linear(6, 4).requires_grad_(False)
+    model = nn.Sequential(net, head, nn.Linear(4, 4).to(torch.float64).requires_grad_(False))
+    assert use_onednn(model, skip=[head]) == 1
+    assert type(net[0]) is OneDNNLinear and type(net[2]) is nn.Linear and type(head) is nn.Linear
+    # under autocast (bf16) and for non-float32 inputs it is nn.Linear.forward
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net[0](x).dtype == torch.bfloat16
+    assert net[0](x.double().float()).dtype == torch.float32
+    assert net[0].weight.grad is None
+
+
+def test_tuned_allocator_keeps_large_blocks_then_restores():
+    def faults_of_big_alloc():
+        t = torch.empty(16 * 1024 * 1024)  # 64 MB: mmap'd by default glibc settings
+        t.fill_(1.0)
+        del t
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.empty(16 * 1024 * 1024)
+        t.fill_(1.0)
+        del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with tuned_allocator() as ok:
+        if not ok:
+            pytest.skip("not glibc")
+        inside = faults_of_big_alloc()
+    after = faults_of_big_alloc()
+    pages = 64 * 1024 * 1024 // resource.getpagesize()
+    assert inside < pages // 10  # the second 64 MB block reused the heap: no fresh pages
+    assert after > pages // 2  # defaults back: mmap'd (and faulted in) afresh
+
+
+def test_tuned_allocator_disabled_is_a_no_op():
+    with tuned_allocator(False) as ok:
+        assert ok is False
