@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,8 @@ _NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<
 
 def _read_numpy(path: Path) -> tuple[dict, dict]:
     """The tensors of a safetensors file as numpy arrays, floats as float32 (no torch)."""
+    import mmap
+
     import numpy as np
 
     from .errors import InvalidModel
@@ -169,7 +172,9 @@ def _read_numpy(path: Path) -> tuple[dict, dict]:
 
     try:
         infos, metadata = read_header(path)
-        data = path.read_bytes()
+        with open(path, "rb") as fh:  # mapped, not read: float32 factors are views, no copy
+            size = os.fstat(fh.fileno()).st_size
+            data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else b""
     except InvalidModel as e:  # worded as the torch path words it
         msg = e.problem if e.problem.startswith("not a readable") else (
             f"not a readable safetensors file, truncated or corrupt ({e.problem})")

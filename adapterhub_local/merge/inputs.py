@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +65,20 @@ def parse_weights(text: str | None, n: int, default: float = 1.0) -> list[float]
     return weights
 
 
-def _file_hashes(folder: Path) -> dict[str, str]:
-    from ..fingerprint import file_sha256
+def _sha256(path: Path) -> str:
+    """A file's sha256, hashed from a mapping of it (no read copies; the GIL is released)."""
+    import hashlib
+    import mmap
 
-    return {name: file_sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)
-            if (folder / name).is_file()}
+    with open(path, "rb") as fh:
+        if not os.fstat(fh.fileno()).st_size:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return hashlib.sha256(mm).hexdigest()
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {name: _sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME) if (folder / name).is_file()}
 
 
 def provenance_fingerprint(folder: Path) -> str | None:
@@ -100,7 +110,10 @@ def resolve_input(ref: str, weight: float = 1.0, registry_home=None, arrays: str
     from ..refs import resolve_adapter
 
     folder, record = resolve_adapter(str(ref), registry_home)
-    folder = Path(folder)
+    return _load_input(str(ref), Path(folder), record, weight, arrays)
+
+
+def _load_input(ref: str, folder: Path, record, weight: float, arrays: str) -> MergeInput:
     if arrays == "numpy":
         adapter = load_adapter(folder, arrays="numpy")
     else:
@@ -118,17 +131,28 @@ def resolve_input(ref: str, weight: float = 1.0, registry_home=None, arrays: str
         return MergeInput(ref=record.ref, folder=folder, adapter=adapter, weight=weight, record=record,
                           base_fingerprint=getattr(record, "base_fingerprint", None)
                           or provenance_fingerprint(folder), files=files)
-    return MergeInput(ref=str(ref), folder=folder, adapter=adapter, weight=weight,
+    return MergeInput(ref=ref, folder=folder, adapter=adapter, weight=weight,
                       base_fingerprint=provenance_fingerprint(folder), files=_file_hashes(folder))
 
 
 def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None,
                    arrays: str = "torch") -> list[MergeInput]:
-    refs = list(refs)
+    refs = [str(r) for r in refs]
     if not refs:
         raise AdapterHubError("no adapters given", "name at least one REF (registry reference or PEFT folder)")
     weights = weights if weights is not None else [1.0] * len(refs)
-    return [resolve_input(r, w, registry_home, arrays) for r, w in zip(refs, weights)]
+    if arrays != "numpy" or len(refs) == 1:
+        return [resolve_input(r, w, registry_home, arrays) for r, w in zip(refs, weights)]
+    # numpy loading and hashing release the GIL: load several adapters at once, one per core
+    # (references are resolved first, one by one: the registry may check a version out)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..refs import resolve_adapter
+
+    located = [resolve_adapter(r, registry_home) for r in refs]
+    with ThreadPoolExecutor(min(len(refs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda i: _load_input(refs[i], Path(located[i][0]), located[i][1], weights[i],
+                                                   arrays), range(len(refs))))
 
 
 def check_hashes(inp: MergeInput, expected: dict[str, str]) -> None:
