@@ -170,3 +170,20 @@ def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, mon
     single = tmp_path / "single"
     merge_into_base(llama, inputs, single, progress=False, notify=None)
     assert _files(pooled) == _files(single)
+
+
+def test_without_the_c_kernel_the_numpy_fallback_writes_the_same_bytes(llama, adapter, tmp_path, monkeypatch):
+    """Where the optional extension did not build, the merge still works, bit for bit."""
+    from adapterhub_local.merge import cast
+
+    b = make_peft_adapter(llama, tmp_path / "b", seed=8, r=2, target_modules=["q_proj", "o_proj"])
+    inputs = resolve_inputs([str(adapter), str(b)], [1.0, 0.5], arrays="numpy")
+    outs = {}
+    for kind in ("c", "numpy"):
+        if kind == "numpy":
+            monkeypatch.setattr(cast, "_kernels", None)
+        for dtype in ("auto", "float16"):
+            outs[kind, dtype] = tmp_path / f"{kind}-{dtype}"
+            merge_into_base(llama, inputs, outs[kind, dtype], dtype=dtype, progress=False, notify=None)
+    for dtype in ("auto", "float16"):
+        assert _files(outs["c", dtype]) == _files(outs["numpy", dtype])
