@@ -148,6 +148,8 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     from ..progress import bar
 
     pbar = bar(total=len(out_tensors), desc="merge", unit="tensor") if progress else None
+    with_products = [t.name for t in out_tensors if edits.get(t.name) and edits[t.name].deltas]
+    upcoming = {name: with_products[i + 1 : i + 2] for i, name in enumerate(with_products)}
     failed = True
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -162,7 +164,10 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
                                 copy_tensor(t, reader, hasher if is_base else None, fh, pipe)
                                 stats["copied"] += 1
                             else:
-                                compute_tensor(t, e, reader, hasher if is_base else None, fh, pipe, report, notify)
+                                if t.name in upcoming:  # the factors of this tensor and the next
+                                    pipe.prepare_ahead([t.name, *upcoming[t.name]], edits)
+                                compute_tensor(t, e, reader, hasher if is_base else None, fh, pipe, report,
+                                               notify, prepared=pipe.prepared.pop(t.name, None))
                                 stats["modified"] += 1
                             stats["bytes_written"] += t.nbytes
                             if pbar is not None:

@@ -93,6 +93,8 @@ class Pipeline:
         # kernel releases the GIL), so a core that falls behind never stalls the other
         self.compute = ThreadPoolExecutor(workers, thread_name_prefix="merge-compute") if workers else None
         self.workers = workers
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="merge-prepare")
+        self.prepared: dict[str, Future] = {}  # tensor name -> prepare(edit), a tensor ahead
         self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(SLOTS)]
         self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
         self.busy: list[list[Future]] = [[] for _ in range(SLOTS)]
@@ -105,6 +107,11 @@ class Pipeline:
         self.kernel_copy = hasattr(os, "copy_file_range")
 
     # --- the compute thread's side
+    def prepare_ahead(self, names: list[str], edits: dict) -> None:
+        for name in names:
+            if name not in self.prepared:
+                self.prepared[name] = self.prep.submit(prepare, edits[name])
+
     def next_slot(self) -> int:
         k = self.slot
         self.slot = (k + 1) % SLOTS
@@ -156,6 +163,8 @@ class Pipeline:
         self.writer.shutdown(wait=True, cancel_futures=error)
         if self.compute is not None:
             self.compute.shutdown(wait=True, cancel_futures=error)
+        self.prep.shutdown(wait=True, cancel_futures=error)
+        self.prepared.clear()
         self.held.clear()
 
     # --- the writer thread's side
@@ -308,13 +317,21 @@ def _factors(deltas: list[tuple[LoraModule, float]], transposed: bool):
     return b, a, a.shape[0]
 
 
+def prepare(e: Edit | None):
+    """(products, packed right factor of the single product or None): the per-tensor set-up,
+    run a tensor ahead on a helper thread so the compute threads do not wait for it."""
+    e = e or Edit()
+    products = [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None]
+    return products, (pack_right(products[0][1]) if len(products) == 1 and not e.bias else None)
+
+
 def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher | None, fh,
-                   pipe: Pipeline, report: MergeReport, notify) -> None:
+                   pipe: Pipeline, report: MergeReport, notify, prepared=None) -> None:
     """W' = (replacement or W) + Σ wᵢsᵢBᵢAᵢ (+ bias deltas), row block by row block."""
     info = t.source
     e = e or Edit()
     replacement = _replacement(t, e, reader, report, notify)
-    products = [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None]
+    products, packed = prepared.result() if prepared is not None else prepare(e)
     bias = None
     if e.bias:
         bias = sum(_as_f32(m.bias) * np.float32(m.scale * w) for m, w in e.bias)
@@ -326,8 +343,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     # the usual case: one product (all adapters stacked), fused with the add and the cast in C
     fused = len(products) == 1 and bias is None
     if fused:
-        left, right, rank = products[0]
-        packed = pack_right(right)
+        left, _, rank = products[0]
     pool = pipe.compute if fused and rank > LOWRANK_SPLIT else None
 
     src_item, out_dtype = ITEMSIZE[info.dtype], t.dtype
