@@ -174,6 +174,7 @@ def main() -> None:
                     help="repeat cp and our runs, keep the best wall time (the machine may be shared)")
     args = ap.parse_args()
 
+    load0 = f"{os.getloadavg()[0]:.2f}"  # a shared machine: say how quiet it was
     bd = bench_dir()
     base = build_base(bd / "tinyllama-synth-bf16")
     adapters = build_adapters(base, bd)
@@ -225,7 +226,11 @@ def main() -> None:
     for k, (w, rss) in results.items():
         eng = f"{engines[k]:8.2f}" if k in engines else f"{'-':>8s}"
         print(f"{k:28s} {w:8.2f} {rss:12.0f} {w / cp[0]:8.2f} {eng}")
-    print("(merge s: the report's time_s, i.e. without Python and torch start-up)")
+    print("(merge s: the report's time_s, i.e. without Python start-up and adapter loading)")
+    from adapterhub_local.merge.cast import have_c_kernel
+
+    print(f"fused C kernel: {'built' if have_c_kernel() else 'NOT built (numpy fallback)'}; "
+          f"load average at start {load0}, at end {os.getloadavg()[0]:.2f}")
     print()
     lim1 = 330
     lim8 = 330 + ad_bytes / 2**20
