@@ -187,3 +187,21 @@ def test_without_the_c_kernel_the_numpy_fallback_writes_the_same_bytes(llama, ad
             merge_into_base(llama, inputs, outs[kind, dtype], dtype=dtype, progress=False, notify=None)
     for dtype in ("auto", "float16"):
         assert _files(outs["c", dtype]) == _files(outs["numpy", dtype])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_prepared_operands_equal_stacked_then_packed_factors(transposed):
+    """The one-pass operand builder equals the plain stack (_factors) + pack_right."""
+    from adapterhub_local.lora import LoraModule
+    from adapterhub_local.merge.cast import pack_right
+    from adapterhub_local.merge.plan import Edit
+    from adapterhub_local.merge.stream import _factors, prepare
+
+    rng = np.random.default_rng(3)
+    mods = [(LoraModule("m", rng.standard_normal((r, 37)).astype(np.float32),
+                        rng.standard_normal((21, r)).astype(np.float32), scale=0.5 * r,
+                        kind="embedding" if transposed else "linear"), w)
+            for r, w in ((3, 0.7), (5, -1.5), (2, 2.0))]
+    (left, _, rank), packed = (lambda p: (p[0][0], p[1]))(prepare(Edit(deltas=mods)))
+    lf, rt, r2 = _factors(mods, transposed)
+    assert rank == r2 == 10 and np.array_equal(left, lf) and np.array_equal(packed, pack_right(rt))

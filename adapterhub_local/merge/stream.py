@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import AdapterHubError
 from ..fingerprint import _tensor_head
 from ..lora import LoraModule
-from .cast import KINDS, add_cast, lowrank_add_cast, pack_right, to_f32
+from .cast import KINDS, TILE, add_cast, lowrank_add_cast, pack_right, to_f32
 from .io import ITEMSIZE, OutTensor, Reader, numel
 from .plan import Edit
 from .report import MergeReport
@@ -317,10 +317,42 @@ def _factors(deltas: list[tuple[LoraModule, float]], transposed: bool):
     return b, a, a.shape[0]
 
 
+def _stacked_packed(mods: list[tuple[LoraModule, float]], transposed: bool):
+    """What _factors + pack_right give for one product, built in place in one pass per
+    factor: left (rows, R) and right packed in 16-column tiles (cast.pack_right's layout)."""
+    parts = []
+    for m, w in mods:
+        a, b, sw = _as_f32(m.A), _as_f32(m.B), np.float32(m.scale * w)
+        parts.append((a.T, b.T, sw, False) if transposed else (b, a, sw, True))
+    rows, cols = parts[0][0].shape[0], parts[0][1].shape[1]
+    rank = sum(p[1].shape[0] for p in parts)
+    tiles, full = -(-cols // TILE), cols // TILE * TILE
+    left = np.empty((rows, rank), dtype=np.float32)
+    packed = np.empty((tiles, rank, TILE), dtype=np.float32)
+    k0 = 0
+    for lf, rt, sw, scale_left in parts:
+        k1 = k0 + rt.shape[0]
+        if scale_left:
+            np.multiply(lf, sw, out=left[:, k0:k1])
+        else:
+            left[:, k0:k1] = lf
+            rt = rt * sw
+        packed[: full // TILE, k0:k1, :] = rt[:, :full].reshape(k1 - k0, full // TILE, TILE).transpose(1, 0, 2)
+        if full < cols:
+            packed[-1, k0:k1, :] = 0
+            packed[-1, k0:k1, : cols - full] = rt[:, full:]
+        k0 = k1
+    return left, packed, rank
+
+
 def prepare(e: Edit | None):
     """(products, packed right factor of the single product or None): the per-tensor set-up,
     run a tensor ahead on a helper thread so the compute threads do not wait for it."""
     e = e or Edit()
+    kinds = {m.transposed for m, _ in e.deltas}
+    if len(kinds) == 1 and not e.bias:  # the fused kernel's case: build its operands directly
+        left, packed, rank = _stacked_packed(e.deltas, kinds.pop())
+        return [(left, None, rank)], packed
     products = [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None]
     return products, (pack_right(products[0][1]) if len(products) == 1 and not e.bias else None)
 
