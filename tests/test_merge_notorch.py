@@ -153,7 +153,8 @@ def test_bf16_merge_is_never_further_from_float32_truth_than_peft(llama, adapter
     assert checked == len(ad.modules) > 0
 
 
-def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cores", [2, 5])
+def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, monkeypatch, cores):
     """Stacked adapters above LOWRANK_SPLIT run blocks on a pool of compute threads; the fma
     chain makes every value independent of threads and block sizes: identical bytes."""
     import adapterhub_local.merge.stream as st
@@ -163,6 +164,7 @@ def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, mon
     inputs = resolve_inputs([str(a) for a in ads], [0.5, 1.0, -0.25], arrays="numpy")
     assert sum(inp.adapter.ranks[0] for inp in inputs) > st.LOWRANK_SPLIT
     monkeypatch.setattr(st, "BLOCK_ELEMS", 1000)  # many blocks per tensor, several in flight
+    monkeypatch.setattr(st, "cores", lambda: cores)  # more compute threads than output slots
     pooled = tmp_path / "pooled"
     merge_into_base(llama, inputs, pooled, progress=False, notify=None)
     monkeypatch.setattr(st, "LOWRANK_SPLIT", 10_000)

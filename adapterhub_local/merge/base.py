@@ -22,7 +22,6 @@ This module must not import transformers (6-8 s of start-up for nothing), nor to
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ..errors import AdapterHubError, BaseMismatch
 from ..fingerprint import FP_PREFIX, Fingerprint, cached_fingerprint, combine, store_fingerprint
 from ..fsutil import atomic_dir
 from ..lora import LoraModule
+from . import stream
 from .inputs import MergeInput
 from .io import (
     FLOAT_ST,
@@ -140,7 +140,7 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     # Stacked adapters (rank > 64) make the products real compute: one compute thread per core,
     # whole blocks each. At rank 16 the main thread alone keeps up with the writer and hasher.
     ranks = [sum(m.rank for m, _ in e.deltas) for e in edits.values() if e.deltas]
-    workers = (os.cpu_count() or 1) if max(ranks, default=0) > LOWRANK_SPLIT else 0
+    workers = stream.cores() if max(ranks, default=0) > LOWRANK_SPLIT else 0
     pipe = Pipeline(reader, max_out, max_delta, workers=workers if workers > 1 else 0)
     hasher = Hasher(enabled=found is None)
     stats = {"tensors": len(out_tensors), "modified": 0, "copied": 0, "bytes_written": 0}

@@ -4,14 +4,15 @@ A touched tensor goes row block by row block (BLOCK_ELEMS elements):
 
 * the base block is a read-only view of the mapped shard (no copy into a buffer);
 * every adapter's factors for the module are stacked along the rank, the weights and
-  scalings folded into B, so the whole delta is ONE float32 product (numpy's BLAS),
-  computed in sub-blocks small enough to stay in the CPU cache;
-* one fused pass (``cast.add_cast``: the C kernel when it was built) adds the delta
-  to the base values in float32 and rounds once to the output dtype;
+  scalings folded into B, so the whole delta is ONE float32 product;
+* one fused pass in C (``cast.lowrank_add_cast``) computes that product, adds it to the
+  base values in float32 and rounds once to the output dtype; high-rank products (many
+  stacked adapters) run whole blocks on a pool of compute threads, one per core;
 * the result goes to the writer thread, which writes 256 KiB pieces and starts the
   kernel's writeback as it goes, so I/O overlaps the arithmetic.
 
-Hashing (when the base's fingerprint is not cached) runs on its own thread over the
+Rare cases (bias deltas, a cast alone) use numpy for the delta and ``cast.add_cast``.
+Hashing (when the base's fingerprint is not cached) runs on hashing threads over the
 same mapped views. A mapped range is dropped from our address space once the hash and
 the write that read it are done, so memory stays at a few blocks whatever the model.
 Untouched tensors are copied by the kernel (copy_file_range) or, when they must be
@@ -42,7 +43,17 @@ WRITEBACK = 64 * 1024 * 1024  # start writeback of the output every 64 MiB
 BLOCK_ELEMS = 1024 * 1024  # elements per row block: one write, one hash update
 LOWRANK_SPLIT = 64  # above this (stacked) rank, blocks are computed on every core
 HELD_BYTES = 64 * 1024 * 1024  # mapped bytes waiting for a hash or a write, at most
-SLOTS = 4  # output buffers in flight to the writer
+SLOTS = 4  # output buffers in flight (more when more compute threads hold blocks)
+
+
+def cores() -> int:
+    """CPUs this process may run on (affinity, containers), at most 8: threads beyond that
+    would only add buffers."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
 
 
 class Hasher:
@@ -54,7 +65,7 @@ class Hasher:
 
     def __init__(self, enabled: bool, workers: int | None = None):
         self.enabled = enabled
-        n = max(1, workers or os.cpu_count() or 1) if enabled else 0
+        n = max(1, workers or cores()) if enabled else 0
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix="fingerprint") for _ in range(n)]
         self.turn = 0
         self.digests: dict[str, str] = {}
@@ -95,9 +106,10 @@ class Pipeline:
         self.workers = workers
         self.prep = ThreadPoolExecutor(1, thread_name_prefix="merge-prepare")
         self.prepared: dict[str, Future] = {}  # tensor name -> prepare(edit), a tensor ahead
-        self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(SLOTS)]
+        # a block in a compute thread holds its slot until finished; two more go to the writer
+        self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(max(SLOTS, workers + 2))]
         self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
-        self.busy: list[list[Future]] = [[] for _ in range(SLOTS)]
+        self.busy: list[list[Future]] = [[] for _ in self.out]
         self.slot = 0
         self.held: collections.deque = collections.deque()  # (futures, info, offset, nbytes)
         self.held_bytes = 0
@@ -114,7 +126,7 @@ class Pipeline:
 
     def next_slot(self) -> int:
         k = self.slot
-        self.slot = (k + 1) % SLOTS
+        self.slot = (k + 1) % len(self.out)
         for f in self.busy[k]:
             f.result()  # the writer is done with this buffer (and raises its error, if any)
         self.busy[k] = []
@@ -149,7 +161,7 @@ class Pipeline:
         """Wait for every pending write and hash (before a file is closed); raise their errors."""
         while self.held:
             self._release_one()
-        for k in range(SLOTS):
+        for k in range(len(self.busy)):
             for f in self.busy[k]:
                 f.result()
             self.busy[k] = []
