@@ -163,7 +163,7 @@ def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, mon
                              target_modules=["q_proj", "down_proj", "gate_proj"]) for i in range(3)]
     inputs = resolve_inputs([str(a) for a in ads], [0.5, 1.0, -0.25], arrays="numpy")
     assert sum(inp.adapter.ranks[0] for inp in inputs) > st.LOWRANK_SPLIT
-    monkeypatch.setattr(st, "BLOCK_ELEMS", 1000)  # many blocks per tensor, several in flight
+    monkeypatch.setattr(st, "BLOCK_ELEMS", 64)  # many blocks per tensor, several in flight
     monkeypatch.setattr(st, "cores", lambda: cores)  # more compute threads than output slots
     pooled = tmp_path / "pooled"
     merge_into_base(llama, inputs, pooled, progress=False, notify=None)

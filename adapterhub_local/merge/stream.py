@@ -110,6 +110,7 @@ class Pipeline:
         self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(max(SLOTS, workers + 2))]
         self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
         self.busy: list[list[Future]] = [[] for _ in self.out]
+        self.reserved: set[int] = set()  # slots of blocks not yet finished
         self.slot = 0
         self.held: collections.deque = collections.deque()  # (futures, info, offset, nbytes)
         self.held_bytes = 0
@@ -127,6 +128,8 @@ class Pipeline:
     def next_slot(self) -> int:
         k = self.slot
         self.slot = (k + 1) % len(self.out)
+        if k in self.reserved:  # a block still computing into it: a bug, never a user error
+            raise RuntimeError(f"output slot {k} reused while its block is in flight")
         for f in self.busy[k]:
             f.result()  # the writer is done with this buffer (and raises its error, if any)
         self.busy[k] = []
@@ -398,6 +401,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     def finish() -> None:  # in block order: check, hand to the writer, release the mapped range
         bad, k, out, futures, r0, n = inflight.popleft()
         bad = bad.result() if isinstance(bad, Future) else bad
+        pipe.reserved.discard(k)
         if out_dtype == "F16" and bad:
             raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
                                   "use --dtype bfloat16 or float32, or smaller weights")
@@ -435,6 +439,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
                     d += bias[r0:r1]
             bad = add_cast(src, src_kind, d, out, out_kind)
         inflight.append((bad, k, out, futures, r0, n))
+        pipe.reserved.add(k)
         while len(inflight) >= (pipe.workers if pool is not None else 1):  # one block per worker
             finish()
     while inflight:
