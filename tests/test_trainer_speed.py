@@ -24,13 +24,16 @@ def _reference(h, w, t):
     return nn.functional.cross_entropy(logits.double(), t, reduction="sum")
 
 
-@pytest.mark.parametrize("rows,block", [(1000, 1000), (7, 3), (5, 1), (16, 16)])
-def test_linear_cross_entropy_equals_cross_entropy(rows, block):
+@pytest.mark.parametrize("rows,block,dnnl", [(1000, 1000, False), (7, 3, False), (5, 1, False),
+                                             (16, 16, False), (7, 3, True), (1000, 1000, True)])
+def test_linear_cross_entropy_equals_cross_entropy(rows, block, dnnl):
+    if dnnl and cpu_speed._onednn_op() is None:
+        pytest.skip("this torch has no oneDNN")
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 24, generator=g, dtype=torch.float64).float().requires_grad_()
     w = torch.randn(50, 24, generator=g)
     t = torch.randint(0, 50, (37,), generator=g)
-    loss = _LinearCrossEntropy.apply(h, w, t, rows, block)
+    loss = _LinearCrossEntropy.apply(h, w, t, rows, block, w.t().contiguous() if dnnl else None)
     (grad,) = torch.autograd.grad(loss * 0.5, h)
     hd = h.detach().double().requires_grad_()
     ref = _reference(hd, w.double(), t)

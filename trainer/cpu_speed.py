@@ -71,7 +71,12 @@ def _onednn_op():
     return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
-def _onednn(x, w, b):
+def onednn_available() -> bool:
+    return _onednn_op() is not None
+
+
+def onednn_linear(x, w, b=None):
+    """x Wᵀ + b by oneDNN (float32 CPU tensors; no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
@@ -81,11 +86,11 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.weight = weight  # a frozen parameter: nothing to version-check
-        return _onednn(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return _onednn(grad.contiguous(), ctx.weight.t(), None), None, None
+        return onednn_linear(grad.contiguous(), ctx.weight.t(), None), None, None
 
 
 class OneDNNLinear(nn.Linear):
@@ -99,7 +104,7 @@ class OneDNNLinear(nn.Linear):
         if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
                 and not w.requires_grad and not torch.is_autocast_enabled("cpu")
                 and (self.bias is None or not self.bias.requires_grad)):
-            return _FrozenLinear.apply(x, w, self.bias) if x.requires_grad else _onednn(x, w, self.bias)
+            return _FrozenLinear.apply(x, w, self.bias) if x.requires_grad else onednn_linear(x, w, self.bias)
         return super().forward(x)
 
 

@@ -314,6 +314,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     loss_fn = CausalLMLoss(model)
     if cfg.onednn and device.type == "cpu" and not cfg.bf16:
         use_onednn(model, skip=[loss_fn.head] if loss_fn.fused else [])
+        loss_fn.onednn = True  # its head GEMMs too (the loss checks oneDNN is there)
     ddp = wrap(loss_fn, d, device)
 
     # ---- the plan: global micro-batches of batch_size × world, grad_accum per step -----

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cpu_speed import onednn_available, onednn_linear
+
 IGNORE = -100
 PLAIN_HEAD_TYPES = {
     "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "phi", "gemma", "olmo", "olmo2",
@@ -24,33 +26,34 @@ PLAIN_HEAD_TYPES = {
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, t_i), with d/dh = (softmax - onehot) @ W worked out in the same pass.
 
-    The logits of a chunk are one large GEMM into a reused buffer (large GEMMs run near
-    the matmul peak, small ones do not); the row-wise softmax then runs on cache-sized
-    blocks of that buffer, in place, and the gradient is one more large GEMM."""
+    The logits of a chunk are one large GEMM (large GEMMs run near the matmul peak,
+    small ones do not); the row-wise softmax then runs on cache-sized blocks of it, in
+    place, and the gradient is one more large GEMM."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, rows, block):
+    def forward(ctx, h, weight, targets, rows, block, weight_t=None):
+        """``weight_t``: weight.t().contiguous(), given to run both GEMMs through oneDNN."""
         need_grad = ctx.needs_input_grad[0]
         w = weight if weight.dtype == torch.float32 else weight.float()
         n = h.shape[0]
         rows = -(-n // max(1, -(-n // rows)))  # equal chunks: no small GEMM at the end
-        buf = torch.empty((min(rows, n), w.shape[0]), dtype=torch.float32, device=h.device)
-        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-        losses = []
+        dnnl = weight_t is not None and h.device.type == "cpu" and w.dtype is torch.float32
+        buf = None if dnnl else torch.empty((min(rows, n), w.shape[0]), dtype=torch.float32, device=h.device)
+        grads, losses = [], []
         for s in range(0, n, rows):
             hc = h[s:s + rows].float()
-            logits = torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
+            logits = onednn_linear(hc, w) if dnnl else torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
             losses.append(_softmax_xent_(logits, targets[s:s + rows], block, hc, w))
-            if need_grad:
-                torch.mm(logits, w, out=grad[s:s + rows])
+            if need_grad:  # (softmax - onehot) @ W
+                grads.append(onednn_linear(logits, weight_t) if dnnl else logits @ w)
         if need_grad:
-            ctx.save_for_backward(grad.to(h.dtype))
+            ctx.save_for_backward(torch.cat(grads).to(h.dtype))
         return torch.cat(losses).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
 
 
 _TINY = 1e-30  # below this a softmax probability has lost its precision: recompute that row
@@ -109,6 +112,17 @@ class CausalLMLoss(nn.Module):
         # works on at a time (4 MB, so it stays in cache between its passes)
         self.chunk_elems = chunk_elems
         self.block_elems = block_elems
+        self.onednn = False  # the trainer turns it on (cpu_speed.use_onednn)
+        self._head_t = None  # (weight, weight.t().contiguous()): the head is frozen
+
+    def _weight_t(self):
+        w = self.head.weight
+        if not (self.onednn and w.device.type == "cpu" and w.dtype is torch.float32
+                and onednn_available() and not torch.is_autocast_enabled("cpu")):
+            return None
+        if self._head_t is None or self._head_t[0] is not w:
+            self._head_t = (w, w.detach().t().contiguous())
+        return self._head_t[1]
 
     @property
     def fused(self) -> bool:
@@ -127,7 +141,8 @@ class CausalLMLoss(nn.Module):
             vocab = self.head.weight.shape[0]
             rows = max(1, self.chunk_elems // vocab)
             block = max(1, self.block_elems // vocab)
-            return _LinearCrossEntropy.apply(h, self.head.weight, targets[keep], rows, block)
+            return _LinearCrossEntropy.apply(h, self.head.weight, targets[keep], rows, block,
+                                             self._weight_t())
         logits = self.model(**kw).logits[:, :-1]
         return nn.functional.cross_entropy(
             logits[keep].float(), targets[keep], reduction="sum")
