@@ -176,10 +176,10 @@ static uint32_t lowrank_plain(int sk, const char *sp, const float *left, const f
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_FMA_PATH 1
 #include <immintrin.h>
-/* AVX2 + FMA, chosen at run time when the CPU has both: several rows at a time, the
+/* AVX2 + FMA (+ F16C), chosen at run time when the CPU has them: several rows at a time, the
    accumulators in registers while k runs (_mm256_fmadd_ps rounds exactly as fmaf does), then a vector
    epilogue for bfloat16 -> bfloat16, the common case; other dtypes go element by element. */
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2,fma,f16c")))
 static inline uint32_t bf16_round8(__m256 v, __m256i *r_out) {
     __m256i u = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -192,23 +192,63 @@ static inline uint32_t bf16_round8(__m256 v, __m256i *r_out) {
     return (uint32_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(inf)));
 }
 
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2,fma,f16c")))
 static inline __m256 bf16_load8(const char *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* 8 values of any source dtype as float32 (F16C converts float16 exactly) */
+__attribute__((target("avx2,fma,f16c")))
+static inline __m256 load8(int sk, const char *p) {
+    if (sk == K_BF16) return bf16_load8(p);
+    if (sk == K_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+/* round 8 float32 values to the output dtype, store them, count the non-finite ones.
+   vcvtps2ph rounds to nearest even with subnormals, overflows to inf and keeps a NaN's
+   sign and top payload bits (made quiet): the same bits as f32_to_f16. */
+__attribute__((target("avx2,fma,f16c")))
+static inline uint32_t store8(int ok, char *p, __m256 v) {
+    if (ok == K_BF16) {
+        __m256i r;
+        uint32_t bad = bf16_round8(v, &r);
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+        return bad;
+    }
+    if (ok == K_F16) {
+        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m128i inf = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7c00)), _mm_set1_epi16(0x7c00));
+        _mm_storeu_si128((__m128i *)p, h);
+        return (uint32_t)__builtin_popcount((unsigned)_mm_movemask_epi8(inf)) / 2;
+    }
+    __m256i u = _mm256_castps_si256(v);
+    __m256i inf = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f800000)),
+                                     _mm256_set1_epi32(0x7f800000));
+    _mm256_storeu_ps((float *)p, v);
+    return (uint32_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(inf)));
+}
+
 /* write cast(src + acc) for the 16 columns at element index idx (width <= 16 valid) */
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2,fma,f16c")))
 static inline uint32_t tile_out(int sk, const char *sp, int ok, char *op, Py_ssize_t idx, Py_ssize_t width,
                                 __m256 a0, __m256 a1) {
     uint32_t bad = 0;
-    if (sk == K_BF16 && ok == K_BF16 && width == TILE) {
+    if (sk == K_BF16 && ok == K_BF16 && width == TILE) {  /* the common case: one 256-bit store */
         const char *s = sp + 2 * idx;
         __m256i r0, r1;
         bad += bf16_round8(_mm256_add_ps(bf16_load8(s), a0), &r0);
         bad += bf16_round8(_mm256_add_ps(bf16_load8(s + 16), a1), &r1);
         _mm256_storeu_si256((__m256i *)(op + 2 * idx), _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8));
+        return bad;
+    }
+    if (width == TILE) {
+        const char *s = sp + ITEM[sk] * idx;
+        char *o = op + ITEM[ok] * idx;
+        bad += store8(ok, o, _mm256_add_ps(load8(sk, s), a0));
+        bad += store8(ok, o + 8 * ITEM[ok], _mm256_add_ps(load8(sk, s + 8 * ITEM[sk]), a1));
         return bad;
     }
     float acc[TILE];
@@ -218,10 +258,34 @@ static inline uint32_t tile_out(int sk, const char *sp, int ok, char *op, Py_ssi
     return bad;
 }
 
+/* add_cast's loop, 8 values at a time; the last n % 8 go through run() */
+__attribute__((target("avx2,fma,f16c")))
+static uint32_t run_vec(int sk, const char *sp, const float *dp, int ok, char *op, Py_ssize_t n) {
+    uint32_t bad = 0;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = load8(sk, sp + ITEM[sk] * i);
+        if (dp) v = _mm256_add_ps(v, _mm256_loadu_ps(dp + i));
+        bad += store8(ok, op + ITEM[ok] * i, v);
+    }
+    return bad + run(sk, sp + ITEM[sk] * i, dp ? dp + i : NULL, ok, op + ITEM[ok] * i, n - i);
+}
+
+static int have_vec = -1;
+
+static int vec_ok(void) {
+    if (have_vec < 0) {
+        __builtin_cpu_init();
+        have_vec = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                   __builtin_cpu_supports("f16c");
+    }
+    return have_vec;
+}
+
 /* Six rows at a time: 12 accumulator registers, so the FMA units never wait on the
    latency of the previous fma into the same register (5 cycles on Zen, 4 on Intel). */
 #define ROWS 6
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2,fma,f16c")))
 static uint32_t lowrank_fma(int sk, const char *sp, const float *left, const float *packed, int ok,
                             char *op, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t rank) {
     uint32_t bad = 0;
@@ -279,12 +343,7 @@ static uint32_t lowrank_fma(int sk, const char *sp, const float *left, const flo
 static uint32_t lowrank_run(int sk, const char *sp, const float *left, const float *packed, int ok,
                             char *op, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t rank) {
 #ifdef HAVE_FMA_PATH
-    static int fma = -1;
-    if (fma < 0) {
-        __builtin_cpu_init();
-        fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    if (fma) return lowrank_fma(sk, sp, left, packed, ok, op, rows, cols, rank);
+    if (vec_ok()) return lowrank_fma(sk, sp, left, packed, ok, op, rows, cols, rank);
 #endif
     return lowrank_plain(sk, sp, left, packed, ok, op, rows, cols, rank);
 }
@@ -367,6 +426,12 @@ static PyObject *add_cast(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i += 1 << 30) {  /* pieces small enough for a 32-bit count */
         Py_ssize_t m = n - i < (1 << 30) ? n - i : (1 << 30);
+#ifdef HAVE_FMA_PATH
+        if (vec_ok()) {
+            bad += run_vec(sk, sp + i * ITEM[sk], dp ? dp + i : NULL, ok, op + i * ITEM[ok], m);
+            continue;
+        }
+#endif
         bad += run(sk, sp + i * ITEM[sk], dp ? dp + i : NULL, ok, op + i * ITEM[ok], m);
     }
     Py_END_ALLOW_THREADS

@@ -196,3 +196,21 @@ def test_numpy_fma_is_correctly_rounded():
         lo, hi = np.nextafter(r, np.float32(-np.inf)), np.nextafter(r, np.float32(np.inf))
         err = abs(Fraction(float(r)) - exact)
         assert err <= abs(Fraction(float(lo)) - exact) and err <= abs(Fraction(float(hi)) - exact)
+
+
+def test_lowrank_vector_epilogue_on_edge_values():
+    """Every output dtype through the kernel's vector epilogue: random bits (NaN, inf,
+    subnormals), huge deltas that overflow float16 and bfloat16: C == numpy, bit for bit."""
+    if not cast.have_c_kernel():
+        pytest.skip("C kernel not built")
+    rows, cols, rank = 7, 16 * 9 + 5, 2
+    x = _random(n=rows * cols, seed=11)[: rows * cols]
+    rng = np.random.default_rng(12)
+    left = (rng.standard_normal((rows, rank)) * rng.choice([0.0, 1.0, 1e19], (rows, rank))).astype(np.float32)
+    packed = cast.pack_right((rng.standard_normal((rank, cols)) * 1e19).astype(np.float32))
+    for src_dtype in ("BF16", "F16", "F32"):
+        raw = x if src_dtype == "F32" else _run(cast._numpy_add_cast, x, "F32", None, src_dtype)[0]
+        for out_dtype in ("BF16", "F16", "F32"):
+            c = _lowrank(cast._kernels.lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
+            n = _lowrank(cast._numpy_lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
+            assert c[0].tobytes() == n[0].tobytes() and c[1] == n[1], (src_dtype, out_dtype)
