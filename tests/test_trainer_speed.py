@@ -6,17 +6,17 @@ import resource
 
 import pytest
 import torch
-from adapterhub_local.trainer import cpu_speed
-from adapterhub_local.trainer.cpu_speed import (
+from adapterhub_local.trainer import speed
+from adapterhub_local.trainer.loss import _LinearCrossEntropy
+from adapterhub_local.trainer.speed import (
     OneDNNLinear,
     restore_linears,
     tuned_allocator,
     use_onednn,
 )
-from adapterhub_local.trainer.loss import _LinearCrossEntropy
 from torch import nn
 
-needs_onednn = pytest.mark.skipif(cpu_speed._onednn_op() is None, reason="this torch has no oneDNN")
+needs_onednn = pytest.mark.skipif(speed._onednn_op() is None, reason="this torch has no oneDNN")
 
 
 def _reference(h, w, t):
@@ -27,7 +27,7 @@ def _reference(h, w, t):
 @pytest.mark.parametrize("rows,block,dnnl", [(1000, 1000, False), (7, 3, False), (5, 1, False),
                                              (16, 16, False), (7, 3, True), (1000, 1000, True)])
 def test_linear_cross_entropy_equals_cross_entropy(rows, block, dnnl):
-    if dnnl and cpu_speed._onednn_op() is None:
+    if dnnl and speed._onednn_op() is None:
         pytest.skip("this torch has no oneDNN")
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 24, generator=g, dtype=torch.float64).float().requires_grad_()
@@ -127,3 +127,54 @@ def test_tuned_allocator_keeps_large_blocks_then_restores():
 def test_tuned_allocator_disabled_is_a_no_op():
     with tuned_allocator(False) as ok:
         assert ok is False
+
+
+# --- bf16: frozen weights cast once ----------------------------------------------------
+
+
+def _tiny(tmp_path, arch="llama"):
+    from tiny import load_model, make_gpt2, make_llama
+
+    path = (make_llama if arch == "llama" else make_gpt2)(tmp_path / arch)
+    return load_model(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_cast_once_is_what_autocast_computes(tmp_path, arch):
+    from adapterhub_local.trainer.lora_layers import inject_lora
+    from adapterhub_local.trainer.loss import CausalLMLoss
+    from adapterhub_local.trainer.speed import cast_frozen_matmul_weights
+    from tiny import input_ids
+
+    targets = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+    runs = []
+    for cast in (False, True):
+        model = _tiny(tmp_path / str(cast), arch)
+        torch.manual_seed(0)
+        layers = inject_lora(model, targets, r=4, alpha=8)
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.lora_B.weight.normal_()
+        if cast:
+            assert cast_frozen_matmul_weights(model, torch.bfloat16) > 0
+            head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+            tied = head.weight is emb.weight
+            assert head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+            assert arch == "llama" or tied  # GPT-2 ties its head: the embedding stays float32
+            assert emb.weight.dtype == torch.float32
+            assert all(p.dtype == torch.float32 for l in layers.values() for p in l.lora_parameters())
+        ids = input_ids(batch=2, length=10)
+        fn = CausalLMLoss(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(ids, ids.clone())
+            logits = model(ids).logits
+            with torch.no_grad():  # the plain path: bf16 logits, float32 cross-entropy
+                plain = CausalLMLoss(model, fused=False)(ids, ids.clone())
+        torch.testing.assert_close(loss.detach(), plain, rtol=1e-5, atol=1e-4)
+        loss.backward()
+        grads = [p.grad for l in layers.values() for p in l.lora_parameters()]
+        runs.append((loss.detach(), logits.detach(), grads))
+    (l0, z0, g0), (l1, z1, g1) = runs
+    assert torch.equal(z0, z1) and torch.equal(l0, l1)  # the same bf16 values, bit for bit
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)

@@ -49,7 +49,7 @@ class TrainConfig:
     # precision / memory
     bf16: bool = False
     grad_checkpointing: bool = False
-    # CPU speed, same math (cpu_speed.py): oneDNN GEMMs for the frozen float32 Linears,
+    # CPU speed, same math (speed.py): oneDNN GEMMs for the frozen float32 Linears,
     # large blocks kept in the heap instead of mmap'd afresh every step
     onednn: bool = True
     tune_allocator: bool = True

@@ -35,10 +35,10 @@ from ..peft_format import CONFIG_NAME, WEIGHTS_NAME
 from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .config import TrainConfig, TrainConfigError
-from .cpu_speed import tuned_allocator, use_onednn
 from .distributed import Dist, setup, teardown, wrap
 from .lora_layers import extract_adapter, inject_lora, load_lora_weights
 from .loss import CausalLMLoss
+from .speed import cast_frozen_matmul_weights, tuned_allocator, use_onednn
 
 
 class TrainError(AdapterHubError):
@@ -312,7 +312,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                             weight_decay=cfg.weight_decay)
     loss_fn = CausalLMLoss(model)
-    if cfg.onednn and device.type == "cpu" and not cfg.bf16:
+    if cfg.bf16:
+        cast_frozen_matmul_weights(model, torch.bfloat16)  # what autocast casts every step
+    elif cfg.onednn and device.type == "cpu":
         use_onednn(model, skip=[loss_fn.head] if loss_fn.fused else [])
         loss_fn.onednn = True  # its head GEMMs too (the loss checks oneDNN is there)
     ddp = wrap(loss_fn, d, device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cpu_speed import onednn_available, onednn_linear
+from .speed import onednn_available, onednn_linear
 
 IGNORE = -100
 PLAIN_HEAD_TYPES = {
@@ -34,15 +34,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, rows, block, weight_t=None):
         """``weight_t``: weight.t().contiguous(), given to run both GEMMs through oneDNN."""
         need_grad = ctx.needs_input_grad[0]
-        w = weight if weight.dtype == torch.float32 else weight.float()
+        # under autocast the head GEMMs run in its dtype, like any Linear (weights may be
+        # cast once already); the softmax always runs in float32
+        autocast = torch.is_autocast_enabled(h.device.type)
+        w = weight if autocast or weight.dtype == torch.float32 else weight.float()
         n = h.shape[0]
         rows = -(-n // max(1, -(-n // rows)))  # equal chunks: no small GEMM at the end
-        dnnl = weight_t is not None and h.device.type == "cpu" and w.dtype is torch.float32
-        buf = None if dnnl else torch.empty((min(rows, n), w.shape[0]), dtype=torch.float32, device=h.device)
+        dnnl = (weight_t is not None and not autocast and h.device.type == "cpu"
+                and w.dtype is torch.float32)
+        buf = (None if dnnl or autocast else
+               torch.empty((min(rows, n), w.shape[0]), dtype=torch.float32, device=h.device))
         grads, losses = [], []
         for s in range(0, n, rows):
-            hc = h[s:s + rows].float()
-            logits = onednn_linear(hc, w) if dnnl else torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
+            hc = h[s:s + rows] if autocast else h[s:s + rows].float()
+            if dnnl:
+                logits = onednn_linear(hc, w)
+            elif autocast:
+                logits = hc @ w.t()
+            else:
+                logits = torch.mm(hc, w.t(), out=buf[:hc.shape[0]])
             losses.append(_softmax_xent_(logits, targets[s:s + rows], block, hc, w))
             if need_grad:  # (softmax - onehot) @ W
                 grads.append(onednn_linear(logits, weight_t) if dnnl else logits @ w)
@@ -65,18 +75,21 @@ def _softmax_xent_(logits, targets, block, hc, w):
     probs = []
     for b in range(0, logits.shape[0], block):
         x = logits[b:b + block]
-        if x.device.type == "cpu":
-            torch._softmax(x, 1, False, out=x)  # in place: the block stays in cache
+        xf = x if x.dtype is torch.float32 else x.float()
+        if xf.device.type == "cpu":
+            torch._softmax(xf, 1, False, out=xf)  # in place: the block stays in cache
         else:
-            x.copy_(torch.softmax(x, 1))
-        probs.append(x.gather(1, idx[b:b + block]).squeeze(1))
-        x.scatter_add_(1, idx[b:b + block], torch.full((x.shape[0], 1), -1.0, device=x.device))
+            xf.copy_(torch.softmax(xf, 1))
+        probs.append(xf.gather(1, idx[b:b + block]).squeeze(1))
+        xf.scatter_add_(1, idx[b:b + block], torch.full((xf.shape[0], 1), -1.0, device=xf.device))
+        if xf is not x:
+            x.copy_(xf)
     p = torch.cat(probs)
     loss = -torch.log(p)
     tiny = p < _TINY
     if bool(tiny.any()):  # a confidently wrong row: the loss from the logits themselves
         rows = tiny.nonzero().squeeze(1)
-        z = hc[rows] @ w.t()
+        z = (hc[rows] @ w.t()).float()
         loss[rows] = torch.logsumexp(z, 1) - z.gather(1, idx[rows]).squeeze(1)
     return loss
 
@@ -112,7 +125,7 @@ class CausalLMLoss(nn.Module):
         # works on at a time (4 MB, so it stays in cache between its passes)
         self.chunk_elems = chunk_elems
         self.block_elems = block_elems
-        self.onednn = False  # the trainer turns it on (cpu_speed.use_onednn)
+        self.onednn = False  # the trainer turns it on (speed.use_onednn)
         self._head_t = None  # (weight, weight.t().contiguous()): the head is frozen
 
     def _weight_t(self):

@@ -1,4 +1,5 @@
-"""Two CPU speed-ups that change no math: the allocator, and oneDNN for frozen Linears.
+"""CPU speed-ups that change no math (the allocator, oneDNN for frozen Linears), and
+frozen matmul weights cast once for bf16 autocast.
 
 Allocator. glibc serves every block above its mmap threshold (at most 32 MB,
 adjusted on the fly) with a fresh mmap and gives it back on free: a training step
@@ -133,3 +134,32 @@ def restore_linears(model: nn.Module) -> None:
     for m in model.modules():
         if type(m) is OneDNNLinear:
             m.__class__ = nn.Linear
+
+
+# --- bf16: frozen matmul weights cast once ------------------------------------------
+
+
+def cast_frozen_matmul_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen Linear / Conv1D weights (and biases) in ``dtype``, for autocast.
+
+    Autocast casts a float32 weight to bf16 at every use and caches the cast only for
+    weights that require grad, so a frozen base is cast afresh in every step. Casting
+    once gives the very same bf16 values (round to nearest even, either way) without
+    that work, and halves their memory. Weights shared with anything else (a tied
+    input embedding) stay as they are. Returns how many modules were cast."""
+    from .lora_layers import _kind
+
+    shared = {id(p) for m in model.modules() if _kind(m) not in ("linear", "conv1d")
+              for p in m.parameters(recurse=False)}
+    n = 0
+    for m in model.modules():
+        if _kind(m) not in ("linear", "conv1d") or m.weight.requires_grad:
+            continue
+        if id(m.weight) in shared or m.weight.dtype == dtype:
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(m, name, None)
+            if p is not None and not p.requires_grad and p.is_floating_point():
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+        n += 1
+    return n
