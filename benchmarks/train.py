@@ -18,6 +18,8 @@ grad-accum 1, cosine schedule with no warmup, AdamW lr 2e-4, clip 1.0, seed 0:
             (random sampler, DataCollatorForLanguageModeling padding to the longest row)
   ours      adapterhub_local.trainer.train (fused lm_head + cross-entropy)
   ours+pack / ours+group   on mixed data: --packing / length grouping (the default)
+  trainer+bf16 / ours+bf16 with --with-bf16: both under bf16 autocast (TrainingArguments
+            bf16=True; ours --bf16), LoRA weights and optimizer in float32
 
 Prints real (non-padding) tokens/s, peak RSS, final eval loss (same eval set, token-
 weighted), achieved FLOP/s by the 4·N·tokens count (N = parameters doing matmuls, i.e.
@@ -238,7 +240,8 @@ def child(kind: str, a: dict) -> dict:
                     output_dir=tmp, per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
                     max_steps=a["steps"], learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-                    report_to="none", use_cpu=True, seed=SEED, disable_tqdm=True)
+                    report_to="none", use_cpu=True, seed=SEED, disable_tqdm=True,
+                    bf16=a.get("bf16", False))
                 trainer = Trainer(model=pm, args=args, train_dataset=rows, data_collator=collator,
                                   callbacks=[Clock()])
                 trainer.train()
@@ -277,7 +280,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["uniform", "mixed"])
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats; best of each kept")
     ap.add_argument("--with-bf16", action="store_true",
-                    help="also run ours with --bf16 on uniform data (not part of the fp32 targets)")
+                    help="also run ours --bf16 and PEFT+Trainer bf16=True on uniform data "
+                         "(not part of the fp32 targets)")
     ap.add_argument("--child")
     ap.add_argument("--args")
     o = ap.parse_args()
@@ -311,8 +315,9 @@ def main() -> None:
     if o.only in (None, "uniform"):
         u = {**common, "data": str(data / "uniform.jsonl")}
         plan += [("uniform", kind, kind, u) for kind in ("bare", "trainer", "ours")]
-        if o.with_bf16:
-            plan.append(("uniform", "ours+bf16", "ours", {**u, "bf16": True}))
+        if o.with_bf16:  # both with bf16 autocast: apples to apples
+            plan += [("uniform", "trainer+bf16", "trainer", {**u, "bf16": True}),
+                     ("uniform", "ours+bf16", "ours", {**u, "bf16": True})]
     if o.only in (None, "mixed"):
         m = {**common, "data": str(data / "mixed.jsonl"), "seq_len": o.mixed_max}
         plan += [("mixed", "trainer", "trainer", m), ("mixed", "ours+pack", "ours", {**m, "packing": True}),
@@ -365,6 +370,10 @@ def _ratios(res: dict) -> None:
          ratio(("uniform", "ours"), ("uniform", "trainer"), "peak_rss_mb")),
         ("uniform: ours / bare PEFT peak RSS (target <= 1.0)",
          ratio(("uniform", "ours"), ("uniform", "bare"), "peak_rss_mb")),
+        ("uniform bf16: ours+bf16 / PEFT+Trainer+bf16 tokens/s (no target)",
+         ratio(("uniform", "ours+bf16"), ("uniform", "trainer+bf16"))),
+        ("uniform bf16: ours+bf16 / PEFT+Trainer+bf16 peak RSS (no target)",
+         ratio(("uniform", "ours+bf16"), ("uniform", "trainer+bf16"), "peak_rss_mb")),
         ("mixed: ours+pack / PEFT+Trainer real tokens/s (target >= 1.5)",
          ratio(("mixed", "ours+pack"), ("mixed", "trainer"))),
         ("mixed: ours+group / PEFT+Trainer real tokens/s (target >= 1.5)",
