@@ -1,10 +1,11 @@
-/* The element-wise half of a merge into a base, in one pass per block:
+/* The arithmetic of a merge into a base, one pass per block of rows:
 
-       out = round_to_nearest_even(float32(src) + delta)
+       lowrank_add_cast:  out = round_to_nearest_even(float32(src) + left @ right)
+       add_cast:          out = round_to_nearest_even(float32(src) + delta)
 
    src is bfloat16, float16 or float32 bits; delta is float32 (or absent: a plain
    conversion); out is bfloat16, float16 or float32. Inputs are any buffer (an
-   mmap'ed shard, a numpy array); the GIL is released while the loop runs.
+   mmap'ed shard, a numpy array); the GIL is released while the loops run.
 
    Rounding rules, identical to adapterhub_local.merge.cast's numpy fallback:
    - float32 -> bfloat16: round to nearest, ties to even; NaN -> 0x7fc0; finite
@@ -13,7 +14,8 @@
      NaN -> sign | 0x7e00 | top payload bits (a quiet NaN); overflow -> inf.
    Returns how many outputs are not finite (the float16 overflow check needs it).
 
-   Plain C, no intrinsics: built with -O3, the loops vectorise where the compiler can. */
+   Built with plain -O3 for the baseline ISA; on x86-64 an AVX2 + FMA + F16C path
+   (intrinsics) is chosen at run time when the CPU has them, with the same bits. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
