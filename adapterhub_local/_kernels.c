@@ -445,7 +445,27 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(use_vector_doc,
+"use_vector(flag) -> bool\n\n"
+"Allow (True) or forbid (False) the AVX2 + FMA + F16C paths; returns whether they were\n"
+"in use. For tests: the portable paths must give the same bits.");
+
+static PyObject *use_vector(PyObject *self, PyObject *arg) {
+    int flag = PyObject_IsTrue(arg);
+    if (flag < 0) return NULL;
+#ifdef HAVE_FMA_PATH
+    int was = vec_ok();
+    have_vec = -1;
+    if (flag) vec_ok(); else have_vec = 0;
+    return PyBool_FromLong(was);
+#else
+    (void)flag;
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"use_vector", use_vector, METH_O, use_vector_doc},
     {"add_cast", add_cast, METH_VARARGS, add_cast_doc},
     {"lowrank_add_cast", lowrank_add_cast, METH_VARARGS, lowrank_doc},
     {NULL, NULL, 0, NULL},

@@ -214,3 +214,31 @@ def test_lowrank_vector_epilogue_on_edge_values():
             c = _lowrank(cast._kernels.lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
             n = _lowrank(cast._numpy_lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
             assert c[0].tobytes() == n[0].tobytes() and c[1] == n[1], (src_dtype, out_dtype)
+
+
+def test_portable_paths_give_the_vector_paths_bits():
+    """CPUs without AVX2/FMA/F16C run the portable C (fmaf, scalar casts): same bits."""
+    if not cast.have_c_kernel():
+        pytest.skip("C kernel not built")
+    K = cast._kernels
+    rows, cols, rank = 13, 16 * 5 + 3, 20
+    rng = np.random.default_rng(21)
+    x = _random(n=rows * cols, seed=22)[: rows * cols]
+    left = (rng.standard_normal((rows, rank)) * 0.1).astype(np.float32)
+    packed = cast.pack_right((rng.standard_normal((rank, cols)) * 0.1).astype(np.float32))
+    delta = rng.standard_normal(rows * cols).astype(np.float32)
+    results = {}
+    try:
+        for vector in (True, False):
+            K.use_vector(vector)
+            for src_dtype in ("BF16", "F16", "F32"):
+                raw = x if src_dtype == "F32" else _run(cast._numpy_add_cast, x, "F32", None, src_dtype)[0]
+                for out_dtype in ("BF16", "F16", "F32"):
+                    lr = _lowrank(K.lowrank_add_cast, raw, src_dtype, left, packed, out_dtype)
+                    ac = _run(K.add_cast, raw, src_dtype, delta, out_dtype)
+                    results[vector, src_dtype, out_dtype] = (lr[0].tobytes(), lr[1], ac[0].tobytes(), ac[1])
+    finally:
+        K.use_vector(True)
+    for key, value in results.items():
+        if key[0]:
+            assert value == results[(False, *key[1:])], key
