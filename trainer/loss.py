@@ -56,6 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             losses.append(_softmax_xent_(logits, targets[s:s + rows], block, hc, w))
             if need_grad:  # (softmax - onehot) @ W
                 grads.append(onednn_linear(logits, weight_t) if dnnl else logits @ w)
+            del logits  # before the next chunk's: one chunk of logits alive at a time
         if need_grad:
             ctx.save_for_backward(torch.cat(grads).to(h.dtype))
         return torch.cat(losses).sum()
