@@ -42,6 +42,18 @@ def test_linear_cross_entropy_equals_cross_entropy(rows, block, dnnl):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dnnl", [False, True])
+def test_linear_cross_entropy_no_rows(dnnl):
+    # a DDP rank's empty slice of a short last micro-batch: zero loss, zero gradient
+    w = torch.randn(50, 24)
+    h = torch.zeros(0, 24, requires_grad=True)
+    loss = _LinearCrossEntropy.apply(h, w, torch.zeros(0, dtype=torch.long), 8, 4,
+                                     w.t().contiguous() if dnnl else None)
+    assert float(loss) == 0.0
+    (grad,) = torch.autograd.grad(loss, h)
+    assert grad.shape == (0, 24)
+
+
 def test_linear_cross_entropy_confidently_wrong_rows_stay_finite():
     # target probability far below float32's smallest normal: softmax underflows to 0 there,
     # and the loss must come from the logits themselves (as cross_entropy's does), not inf

@@ -39,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(h.device.type)
         w = weight if autocast or weight.dtype == torch.float32 else weight.float()
         n = h.shape[0]
-        rows = -(-n // max(1, -(-n // rows)))  # equal chunks: no small GEMM at the end
+        rows = max(1, -(-n // max(1, -(-n // rows))))  # equal chunks: no small GEMM at the end
         dnnl = (weight_t is not None and not autocast and h.device.type == "cpu"
                 and w.dtype is torch.float32)
         buf = (None if dnnl or autocast else
@@ -57,9 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grad:  # (softmax - onehot) @ W
                 grads.append(onednn_linear(logits, weight_t) if dnnl else logits @ w)
             del logits  # before the next chunk's: one chunk of logits alive at a time
-        if need_grad:
-            ctx.save_for_backward(torch.cat(grads).to(h.dtype))
-        return torch.cat(losses).sum()
+        if need_grad:  # (no rows: a rank's empty slice of a short last micro-batch)
+            ctx.save_for_backward(torch.cat(grads).to(h.dtype) if grads else torch.zeros_like(h))
+        return torch.cat(losses).sum() if losses else h.new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):
