@@ -190,3 +190,48 @@ def test_bf16_cast_once_is_what_autocast_computes(tmp_path, arch):
     assert torch.equal(z0, z1) and torch.equal(l0, l1)  # the same bf16 values, bit for bit
     for a, b in zip(g0, g1):
         assert torch.equal(a, b)
+
+
+# --- the trainer with and without oneDNN ----------------------------------------------------
+
+
+@needs_onednn
+def test_training_with_and_without_onednn_agrees(tmp_path, monkeypatch):
+    import json
+
+    from adapterhub_local.cli import cli
+    from adapterhub_local.trainer import loop
+    from click.testing import CliRunner
+    from test_train import make_base, write_jsonl
+    from tiny import load_model
+
+    from adapterhub_local.peft_format import load_adapter
+
+    base = make_base(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat on the mat " * (1 + i % 3)}
+                                              for i in range(24)])
+    seen = []
+    real = loop.use_onednn
+
+    def spy(model, skip=()):
+        n = real(model, skip)
+        seen.append(n)
+        return n
+
+    monkeypatch.setattr(loop, "use_onednn", spy)
+    runs = {}
+    for flag in ("--onednn", "--no-onednn"):
+        res = CliRunner().invoke(cli, [
+            "train", str(base), "--data", str(data), "--out", str(tmp_path / flag), "--no-register",
+            "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--max-steps", "4", "--batch-size", "4",
+            "--grad-accum", "1", "--dropout", "0.1", "--targets", "all-linear", "--json", flag,
+        ], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        log = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
+        runs[flag] = ([json.loads(x)["loss"] for x in log], load_adapter(tmp_path / flag).tensors())
+    n_linear = sum(type(m) is nn.Linear for m in load_model(base).modules())
+    assert seen == [n_linear - 1]  # every frozen Linear but the head (the loss uses its weight)
+    (l1, t1), (l0, t0) = runs["--onednn"], runs["--no-onednn"]
+    assert l1 == pytest.approx(l0, rel=1e-5)  # same math: float32 rounding apart
+    for k in t0:
+        torch.testing.assert_close(t1[k], t0[k], rtol=1e-3, atol=1e-5)
