@@ -199,12 +199,12 @@ def test_bf16_cast_once_is_what_autocast_computes(tmp_path, arch):
 def test_training_with_and_without_onednn_agrees(tmp_path, monkeypatch):
     import json
 
-    from adapterhub_local.cli import cli
     from adapterhub_local.trainer import loop
     from click.testing import CliRunner
     from test_train import make_base, write_jsonl
     from tiny import load_model
 
+    from adapterhub_local.cli import cli
     from adapterhub_local.peft_format import load_adapter
 
     base = make_base(tmp_path / "base")
