@@ -10,7 +10,7 @@ One pass over the base, shard by shard, tensor by tensor (stream.py has the deta
   Memory is a few MiB of buffers plus the adapters, whatever the model.
 
 The base fingerprint is verified on the way: each tensor's digest is computed
-from the bytes already read, on a hashing thread that overlaps the arithmetic;
+from the bytes already read, on hashing threads that overlap the arithmetic;
 when the base's cached fingerprint is still valid (same files, sizes, mtimes)
 it is reused and nothing is hashed. The output directory is a temp dir renamed
 into place only after every byte is written and the fingerprint matched.
