@@ -174,6 +174,51 @@ def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, mon
     assert _files(pooled) == _files(single)
 
 
+def test_pooled_blocks_run_on_across_tensors_and_copies_keep_their_place(llama, tmp_path, monkeypatch):
+    """The compute threads' queue is not drained at each tensor's end: the next tensor's blocks
+    (and the copies of untouched tensors between them) queue behind the ones in flight, and
+    everything still reaches the file in order: the same bytes as the one-thread merge."""
+    import adapterhub_local.merge.base as mbase
+    import adapterhub_local.merge.stream as st
+
+    ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=40 + i, r=40,
+                             target_modules=["q_proj", "v_proj", "up_proj"]) for i in range(2)]
+    inputs = resolve_inputs([str(a) for a in ads], [1.0, -0.5], arrays="numpy")
+    seen = []
+    real = mbase.compute_tensor
+
+    def spy(t, e, reader, hasher, fh, pipe, *a, **k):
+        seen.append((pipe.in_flight, len(pipe.queue)))
+        return real(t, e, reader, hasher, fh, pipe, *a, **k)
+
+    monkeypatch.setattr(mbase, "compute_tensor", spy)
+    monkeypatch.setattr(st, "BLOCK_ELEMS", 96)
+    monkeypatch.setattr(st, "cores", lambda: 3)
+    pooled = tmp_path / "pooled"
+    merge_into_base(llama, inputs, pooled, progress=False, notify=None)
+    assert max(n for n, _ in seen) > 0  # a tensor started while the previous one's blocks ran
+    monkeypatch.setattr(mbase, "compute_tensor", real)
+    monkeypatch.setattr(st, "LOWRANK_SPLIT", 10_000)
+    single = tmp_path / "single"
+    merge_into_base(llama, inputs, single, progress=False, notify=None)
+    assert _files(pooled) == _files(single)
+
+
+def test_pooled_float16_overflow_is_refused_and_leaves_nothing(llama, tmp_path, monkeypatch):
+    from adapterhub_local.errors import AdapterHubError
+
+    import adapterhub_local.merge.stream as st
+
+    ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=50 + i, r=40, target_modules=["q_proj", "o_proj"])
+           for i in range(2)]
+    inputs = resolve_inputs([str(a) for a in ads], [1e9, 1e9], arrays="numpy")
+    monkeypatch.setattr(st, "BLOCK_ELEMS", 96)
+    with pytest.raises(AdapterHubError, match="overflows float16"):
+        merge_into_base(llama, inputs, tmp_path / "o", dtype="float16", progress=False, notify=None)
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
 def test_without_the_c_kernel_the_numpy_fallback_writes_the_same_bytes(llama, adapter, tmp_path, monkeypatch):
     """Where the optional extension did not build, the merge still works, bit for bit."""
     from adapterhub_local.merge import cast

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,7 @@ BLOCK_ELEMS = 1024 * 1024  # elements per row block: one write, one hash update
 LOWRANK_SPLIT = 64  # above this (stacked) rank, blocks are computed on every core
 HELD_BYTES = 64 * 1024 * 1024  # mapped bytes waiting for a hash or a write, at most
 SLOTS = 4  # output buffers in flight (more when more compute threads hold blocks)
+DEPTH = 2  # blocks queued per compute thread
 
 
 def cores() -> int:
@@ -104,10 +106,16 @@ class Pipeline:
         # kernel releases the GIL), so a core that falls behind never stalls the other
         self.compute = ThreadPoolExecutor(workers, thread_name_prefix="merge-compute") if workers else None
         self.workers = workers
+        # blocks handed to the compute threads, finished strictly in order; DEPTH per thread so a
+        # thread that finishes a block takes the next one at once, without waiting for the main
+        # thread, and the queue runs on across tensors (no drain at each tensor's end)
+        self.depth = DEPTH * workers if workers else 1
+        self.queue: collections.deque = collections.deque()  # (result or Future, then(result))
+        self.in_flight = 0  # Futures in the queue
         self.prep = ThreadPoolExecutor(1, thread_name_prefix="merge-prepare")
         self.prepared: dict[str, Future] = {}  # tensor name -> prepare(edit), a tensor ahead
         # a block in a compute thread holds its slot until finished; two more go to the writer
-        self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(max(SLOTS, workers + 2))]
+        self.out = [np.empty(max(max_out, 1), dtype=np.uint8) for _ in range(max(SLOTS, self.depth + 2))]
         self.delta = np.empty(max(max_delta, 1), dtype=np.float32)
         self.busy: list[list[Future]] = [[] for _ in self.out]
         self.reserved: set[int] = set()  # slots of blocks not yet finished
@@ -124,6 +132,29 @@ class Pipeline:
         for name in names:
             if name not in self.prepared:
                 self.prepared[name] = self.prep.submit(prepare, edits[name])
+
+    def then(self, result, fn) -> None:
+        """Run ``fn(result)`` after everything queued before it (at once if nothing is queued).
+        ``result`` may be a Future: then ``fn`` gets its result, once it is done."""
+        if isinstance(result, Future):
+            self.in_flight += 1
+        elif not self.queue:
+            fn(result)
+            return
+        self.queue.append((result, fn))
+
+    def settle(self, limit: int) -> None:
+        """Finish queued work, in order: everything that is done, then (waiting) until at
+        most ``limit`` blocks are in flight."""
+        while self.queue:
+            result, fn = self.queue[0]
+            if isinstance(result, Future):
+                if self.in_flight <= limit and not result.done():
+                    return
+                result = result.result()
+                self.in_flight -= 1
+            self.queue.popleft()
+            fn(result)
 
     def next_slot(self) -> int:
         k = self.slot
@@ -162,6 +193,7 @@ class Pipeline:
 
     def drain(self) -> None:
         """Wait for every pending write and hash (before a file is closed); raise their errors."""
+        self.settle(0)
         while self.held:
             self._release_one()
         for k in range(len(self.busy)):
@@ -181,6 +213,8 @@ class Pipeline:
         self.prep.shutdown(wait=True, cancel_futures=error)
         self.prepared.clear()
         self.held.clear()
+        self.queue.clear()
+        self.in_flight = 0
 
     # --- the writer thread's side
     def _write(self, fh, data) -> None:
@@ -259,6 +293,11 @@ def block_rows(shape) -> tuple[int, int, int]:
 
 
 def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pipeline) -> None:
+    """Copy an untouched tensor, after the blocks still in flight (the output is in order)."""
+    pipe.then(None, lambda _: _copy_now(t, reader, hasher, fh, pipe))
+
+
+def _copy_now(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pipeline) -> None:
     info = t.source
     size = info.end - info.start
     reader.begin(info)
@@ -396,11 +435,8 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     src_item, out_dtype = ITEMSIZE[info.dtype], t.dtype
     out_kind = out_dtype if out_dtype in KINDS else "F32"  # F64 output: float32 math, then widened
     out_item = ITEMSIZE[out_kind]
-    inflight: collections.deque = collections.deque()
 
-    def finish() -> None:  # in block order: check, hand to the writer, release the mapped range
-        bad, k, out, futures, r0, n = inflight.popleft()
-        bad = bad.result() if isinstance(bad, Future) else bad
+    def finish(k, out, futures, r0, n, bad) -> None:  # in order: check, write, release the mapped range
         pipe.reserved.discard(k)
         if out_dtype == "F16" and bad:
             raise AdapterHubError(f"{t.name}: the merged tensor overflows float16",
@@ -414,6 +450,8 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         n = (r1 - r0) * row
+        # room for this block: the compute threads keep up to pipe.depth blocks, across tensors
+        pipe.settle(pipe.depth - 1 if pool is not None else 0)
         k = pipe.next_slot()
         view = reader.view(info, r0 * row * src_item, n * src_item)
         futures = [hasher.update(h, view)] if h is not None else []
@@ -438,12 +476,8 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
                 if bias is not None:
                     d += bias[r0:r1]
             bad = add_cast(src, src_kind, d, out, out_kind)
-        inflight.append((bad, k, out, futures, r0, n))
         pipe.reserved.add(k)
-        while len(inflight) >= (pipe.workers if pool is not None else 1):  # one block per worker
-            finish()
-    while inflight:
-        finish()
+        pipe.then(bad, functools.partial(finish, k, out, futures, r0, n))
     if hasher:
-        hasher.finish(info.name, h)
-    reader.end(info)
+        hasher.finish(info.name, h)  # after this tensor's updates, on the same hashing thread
+    pipe.then(None, lambda _: reader.end(info))
