@@ -205,9 +205,8 @@ def test_pooled_blocks_run_on_across_tensors_and_copies_keep_their_place(llama, 
 
 
 def test_pooled_float16_overflow_is_refused_and_leaves_nothing(llama, tmp_path, monkeypatch):
-    from adapterhub_local.errors import AdapterHubError
-
     import adapterhub_local.merge.stream as st
+    from adapterhub_local.errors import AdapterHubError
 
     ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=50 + i, r=40, target_modules=["q_proj", "o_proj"])
            for i in range(2)]
