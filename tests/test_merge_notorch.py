@@ -218,6 +218,38 @@ def test_pooled_float16_overflow_is_refused_and_leaves_nothing(llama, tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
 
+def test_untouched_tensors_copied_in_place_by_the_kernel_or_by_pread_pwrite(llama, adapter, tmp_path, monkeypatch):
+    """With the fingerprint cached, untouched tensors are copied straight to their offsets
+    (copy_file_range, on the copy thread) while the ordered writes step over them; where the
+    kernel refuses (another filesystem), plain pread/pwrite. Same bytes as the hashing pass."""
+    import errno
+
+    import adapterhub_local.merge.stream as st
+
+    inputs = resolve_inputs([str(adapter)], arrays="numpy")
+    cold = tmp_path / "cold"
+    assert merge_into_base(llama, inputs, cold, progress=False, notify=None).fingerprint["source"] != "cache"
+    calls = []
+    real = os.copy_file_range
+
+    def spy(*a):
+        calls.append(a)
+        return real(*a)
+
+    monkeypatch.setattr(st.os, "copy_file_range", spy)
+    kernel = tmp_path / "kernel"
+    assert merge_into_base(llama, inputs, kernel, progress=False, notify=None).fingerprint["source"] == "cache"
+    assert calls and all(len(c) == 5 for c in calls)  # explicit source and destination offsets
+
+    def refuse(*a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(st.os, "copy_file_range", refuse)
+    plain = tmp_path / "plain"
+    merge_into_base(llama, inputs, plain, progress=False, notify=None)
+    assert _files(cold) == _files(kernel) == _files(plain)
+
+
 def test_without_the_c_kernel_the_numpy_fallback_writes_the_same_bytes(llama, adapter, tmp_path, monkeypatch):
     """Where the optional extension did not build, the merge still works, bit for bit."""
     from adapterhub_local.merge import cast

@@ -157,7 +157,9 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
             for shard, fname in zip(shards, names):
                 with open(tmp / fname, "wb", buffering=0) as fh:
                     try:
-                        pipe.track(pipe.write(fh, shard_header(shard)))
+                        header = shard_header(shard)
+                        pipe.data_start = len(header)
+                        pipe.track(pipe.write(fh, header))
                         for t in shard:
                             is_base = not t.meta.get("virtual")
                             e = edits.get(t.name)

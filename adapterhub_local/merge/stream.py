@@ -102,6 +102,10 @@ class Pipeline:
     def __init__(self, reader: Reader, max_out: int, max_delta: int, workers: int = 0):
         self.reader = reader
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
+        # untouched tensors are copied by the kernel straight to their place in the output, on
+        # their own thread, at once: a 131 MB embedding copy never holds up the ordered writes
+        self.copier = ThreadPoolExecutor(1, thread_name_prefix="merge-copy")
+        self.data_start = 0  # where the current shard's tensor data begins (after its header)
         # compute threads for high-rank products: whole blocks in flight on every core (the C
         # kernel releases the GIL), so a core that falls behind never stalls the other
         self.compute = ThreadPoolExecutor(workers, thread_name_prefix="merge-compute") if workers else None
@@ -174,8 +178,13 @@ class Pipeline:
         self.other = [f for f in self.other if not f.done() or f.result()]
         self.other.append(fut)
 
-    def copy_range(self, fh, path: str, start: int, size: int) -> None:
-        self.track(self.writer.submit(self._copy_range, fh, path, start, size))
+    def copy_range(self, fh, path: str, start: int, size: int, dst: int) -> None:
+        """Copy bytes [start, start+size) of ``path`` to offset ``dst`` of ``fh`` now, on the
+        copy thread; the ordered writes step over that range (``skip``)."""
+        self.track(self.copier.submit(self._copy_range, fh, path, start, size, dst))
+
+    def skip(self, fh, size: int) -> None:
+        self.track(self.writer.submit(self._skip, fh, size))
 
     def hold(self, futures: list, info, offset: int, nbytes: int) -> None:
         """Release [offset, offset+nbytes) of ``info``'s mapping once ``futures`` are done."""
@@ -208,6 +217,7 @@ class Pipeline:
         if error:
             self.failed = True  # queued writes return at once; nothing touches a closed file
         self.writer.shutdown(wait=True, cancel_futures=error)
+        self.copier.shutdown(wait=True, cancel_futures=error)
         if self.compute is not None:
             self.compute.shutdown(wait=True, cancel_futures=error)
         self.prep.shutdown(wait=True, cancel_futures=error)
@@ -246,33 +256,42 @@ class Pipeline:
                 os.posix_fadvise(fd, self._wb_from, pos - self._wb_from, os.POSIX_FADV_DONTNEED)
             self._wb_from, self._wb_pending = pos, 0
 
-    def _copy_range(self, fh, path: str, start: int, size: int) -> None:
-        """Append bytes [start, start+size) of ``path`` to ``fh``."""
+    def _skip(self, fh, size: int) -> None:
+        if not self.failed:
+            os.lseek(fh.fileno(), size, os.SEEK_CUR)
+
+    def _copy_range(self, fh, path: str, start: int, size: int, dst: int) -> None:
+        """Bytes [start, start+size) of ``path`` to offset ``dst`` of ``fh`` (its position
+        unchanged), then start their writeback."""
         if self.failed:
             return
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd, out = os.open(path, os.O_RDONLY), fh.fileno()
             try:
-                off, left, copied = start, size, 0
+                off, at, left = start, dst, size
                 while left:
                     n = 0
                     if self.kernel_copy:
                         try:
-                            n = os.copy_file_range(fd, fh.fileno(), left, off)
-                            copied += n
+                            n = os.copy_file_range(fd, out, left, off, at)
                         except OSError:  # another filesystem, an old kernel: plain reads and writes
                             self.kernel_copy = False
                     if not n:
                         data = os.pread(fd, min(CHUNK, left), off)
                         if not data:
                             raise AdapterHubError(f"{path}: ends early (truncated file?)")
-                        self._write(fh, data)
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.pwrite(out, view, at + len(data) - len(view)):]
                         n = len(data)
                     off += n
+                    at += n
                     left -= n
             finally:
                 os.close(fd)
-            self._account(fh, copied)
+            if size >= WRITE_PIECE and hasattr(os, "posix_fadvise"):
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(out, dst, size, os.POSIX_FADV_DONTNEED)
         except BaseException:
             self.failed = True
             raise
@@ -293,7 +312,16 @@ def block_rows(shape) -> tuple[int, int, int]:
 
 
 def copy_tensor(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pipeline) -> None:
-    """Copy an untouched tensor, after the blocks still in flight (the output is in order)."""
+    """Copy an untouched tensor: by the kernel, to its place, at once (when nothing needs
+    hashing); else from the mapping, after the blocks still in flight (writes are in order)."""
+    info = t.source
+    size = info.end - info.start
+    if (hasher is None or not hasher.enabled) and pipe.kernel_copy:  # as cp does: copy_file_range
+        reader.begin(info)
+        pipe.copy_range(fh, info.file, info.start, size, pipe.data_start + t.offset)
+        reader.end(info)
+        pipe.then(None, lambda _: pipe.skip(fh, size))
+        return
     pipe.then(None, lambda _: _copy_now(t, reader, hasher, fh, pipe))
 
 
@@ -301,11 +329,6 @@ def _copy_now(t: OutTensor, reader: Reader, hasher: Hasher | None, fh, pipe: Pip
     info = t.source
     size = info.end - info.start
     reader.begin(info)
-    if hasher is None and pipe.kernel_copy:
-        # nothing to hash: let the kernel copy the bytes (copy_file_range), as cp does
-        pipe.copy_range(fh, info.file, info.start, size)
-        reader.end(info)
-        return
     h = hasher.start(info) if hasher else None
     pos = 0
     while pos < size:
