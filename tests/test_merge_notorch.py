@@ -283,3 +283,13 @@ def test_prepared_operands_equal_stacked_then_packed_factors(transposed):
     (left, _, rank), packed = (lambda p: (p[0][0], p[1]))(prepare(Edit(deltas=mods)))
     lf, rt, r2 = _factors(mods, transposed)
     assert rank == r2 == 10 and np.array_equal(left, lf) and np.array_equal(packed, pack_right(rt))
+
+
+def test_adapter_file_hashes_computed_in_the_background_are_the_files_sha256(adapter):
+    """A merge into a base hashes its adapters' files (for the recipe) while it merges."""
+    import hashlib
+
+    (inp,) = resolve_inputs([str(adapter)], arrays="numpy")
+    want = {name: hashlib.sha256((adapter / name).read_bytes()).hexdigest()
+            for name in ("adapter_config.json", WEIGHTS_NAME)}
+    assert inp.files == want and inp.to_recipe()["sha256"] == want
