@@ -7,7 +7,8 @@ A touched tensor goes row block by row block (BLOCK_ELEMS elements):
   scalings folded into B, so the whole delta is ONE float32 product;
 * one fused pass in C (``cast.lowrank_add_cast``) computes that product, adds it to the
   base values in float32 and rounds once to the output dtype; high-rank products (many
-  stacked adapters) run whole blocks on a pool of compute threads, one per core;
+  stacked adapters) run whole blocks on a pool of compute threads, one per core, fed
+  from one ordered queue that runs on across tensors (no drain at a tensor's end);
 * the result goes to the writer thread, which writes 256 KiB pieces and starts the
   kernel's writeback as it goes, so I/O overlaps the arithmetic.
 
@@ -15,8 +16,9 @@ Rare cases (bias deltas, a cast alone) use numpy for the delta and ``cast.add_ca
 Hashing (when the base's fingerprint is not cached) runs on hashing threads over the
 same mapped views. A mapped range is dropped from our address space once the hash and
 the write that read it are done, so memory stays at a few blocks whatever the model.
-Untouched tensors are copied by the kernel (copy_file_range) or, when they must be
-hashed, written straight from the mapping.
+Untouched tensors are copied by the kernel (copy_file_range) straight to their offsets
+on a copy thread, at once, the ordered writes stepping over them; or, when they must be
+hashed, written in order straight from the mapping.
 """
 
 from __future__ import annotations
