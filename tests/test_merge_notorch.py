@@ -293,3 +293,18 @@ def test_adapter_file_hashes_computed_in_the_background_are_the_files_sha256(ada
     want = {name: hashlib.sha256((adapter / name).read_bytes()).hexdigest()
             for name in ("adapter_config.json", WEIGHTS_NAME)}
     assert inp.files == want and inp.to_recipe()["sha256"] == want
+
+
+def test_an_adapter_file_unreadable_in_its_background_hash_is_one_clear_error(adapter, monkeypatch):
+    import errno
+
+    from adapterhub_local.errors import AdapterHubError
+    from adapterhub_local.merge import inputs as mi
+
+    def broken(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(mi, "_sha256", broken)
+    (inp,) = resolve_inputs([str(adapter)], arrays="numpy")
+    with pytest.raises(AdapterHubError, match=r"adapter_config.json: cannot read \(Input/output error\)"):
+        inp.files  # noqa: B018

@@ -36,7 +36,10 @@ class MergeInput:
     @property
     def files(self) -> dict[str, str]:
         if isinstance(self._files, Future):
-            self._files = self._files.result()
+            try:
+                self._files = self._files.result()
+            except OSError as e:  # the folder changed under the merge: say which input, not the output
+                raise AdapterHubError(f"{e.filename or self.folder}: cannot read ({e.strerror or e})") from None
         return self._files
 
     @property
