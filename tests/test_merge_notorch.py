@@ -304,7 +304,7 @@ def test_an_adapter_file_unreadable_in_its_background_hash_is_one_clear_error(ad
     def broken(path):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(mi, "_sha256", broken)
+    monkeypatch.setattr(mi, "file_sha256", broken)
     (inp,) = resolve_inputs([str(adapter)], arrays="numpy")
     with pytest.raises(AdapterHubError, match=r"adapter_config.json: cannot read \(Input/output error\)"):
         inp.files  # noqa: B018

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidAdapter
+from ..fingerprint import file_sha256
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
 
 PROVENANCE_NAME = "adapterhub.json"
@@ -76,20 +77,8 @@ def parse_weights(text: str | None, n: int, default: float = 1.0) -> list[float]
     return weights
 
 
-def _sha256(path: Path) -> str:
-    """A file's sha256, hashed from a mapping of it (no read copies; the GIL is released)."""
-    import hashlib
-    import mmap
-
-    with open(path, "rb") as fh:
-        if not os.fstat(fh.fileno()).st_size:
-            return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return hashlib.sha256(mm).hexdigest()
-
-
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {name: _sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME) if (folder / name).is_file()}
+    return {name: file_sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME) if (folder / name).is_file()}
 
 
 _hashing: ThreadPoolExecutor | None = None
@@ -170,8 +159,6 @@ def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None,
         return [resolve_input(r, w, registry_home, arrays) for r, w in zip(refs, weights)]
     # numpy loading and hashing release the GIL: load several adapters at once, one per core
     # (references are resolved first, one by one: the registry may check a version out)
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..refs import resolve_adapter
 
     located = [resolve_adapter(r, registry_home) for r in refs]

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import AdapterHubError
 from ..fingerprint import _tensor_head
 from ..lora import LoraModule
-from .cast import KINDS, TILE, add_cast, lowrank_add_cast, pack_right, to_f32
+from .cast import KINDS, TILE, add_cast, lowrank_add_cast, to_f32
 from .io import ITEMSIZE, OutTensor, Reader, numel
 from .plan import Edit
 from .report import MergeReport
@@ -425,15 +425,15 @@ def _stacked_packed(mods: list[tuple[LoraModule, float]], transposed: bool):
 
 
 def prepare(e: Edit | None):
-    """(products, packed right factor of the single product or None): the per-tensor set-up,
+    """(products, packed right factor of the fused single product, else None): the per-tensor set-up,
     run a tensor ahead on a helper thread so the compute threads do not wait for it."""
     e = e or Edit()
     kinds = {m.transposed for m, _ in e.deltas}
     if len(kinds) == 1 and not e.bias:  # the fused kernel's case: build its operands directly
         left, packed, rank = _stacked_packed(e.deltas, kinds.pop())
         return [(left, None, rank)], packed
-    products = [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None]
-    return products, (pack_right(products[0][1]) if len(products) == 1 and not e.bias else None)
+    # bias deltas, or adapters of both orientations on one tensor: numpy products, no packing
+    return [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None], None
 
 
 def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher | None, fh,
