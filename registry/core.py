@@ -113,7 +113,7 @@ class Registry:
     def _open(self) -> None:
         from sqlite_utils import Database
 
-        from .schema import KNOWN, migrations
+        from .schema import KNOWN, check_ours, migrations
 
         if self.home.exists() and not self.home.is_dir():
             raise RegistryError(f"{self.home}: registry home is not a directory")
@@ -136,6 +136,7 @@ class Registry:
             # WAL + NORMAL: a crash never corrupts; a power cut may drop the last commit,
             # which (blobs being fsynced first) leaves at most orphan blobs.
             self.conn.execute("PRAGMA synchronous = NORMAL")
+            check_ours(self.conn, self.db_path)  # before any write: other apps' databases stay as they are
             self.db = Database(self.conn, execute_plugins=False)
             applied = [m.name for m in migrations.applied(self.db)]
             unknown = sorted(set(applied) - set(KNOWN))

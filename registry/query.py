@@ -15,7 +15,15 @@ from ..errors import AdapterHubError
 OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "=": "=", "==": "=", "!=": "!="}
 KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 _COND = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_.\-/]*)\s*(?P<op><=|>=|!=|==|=|<|>)\s*(?P<value>[^<>=!\s]\S*)\s*$")
-_AND = re.compile(r"\s+and\s+|\s*&&\s*", re.IGNORECASE)
+# Applied after whitespace runs are collapsed to one space: a split that can never backtrack
+# over a long run of blanks (``\s+and\s+`` on 100k spaces is quadratic).
+_AND = re.compile(r" and | ?&& ?", re.IGNORECASE)
+# Bounds that keep any --where inside what SQLite can plan: each metric beyond the first
+# JOINED_METRICS is a correlated lookup instead of a join (SQLite joins at most 64 tables),
+# and the AND chain stays far below SQLite's expression depth of 1000.
+MAX_CONDITIONS = 500
+MAX_WHERE_CHARS = 100_000
+JOINED_METRICS = 32
 # Columns of the versions table a condition or a sort may name; anything else is a metric.
 COLUMNS = {"rank": "v.rank", "alpha": "v.alpha", "size": "v.size", "version": "v.version",
            "num_parameters": "v.num_parameters"}
@@ -36,24 +44,35 @@ class Condition:
         return f"{self.key}{self.op}{self.value:g}"
 
 
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def parse_where(texts) -> list[Condition]:
     """``["eval_loss<1.2 and acc>=0.8", "rank=8"]`` -> conditions (all must hold)."""
     if isinstance(texts, str):
         texts = [texts]
     out = []
     for text in texts:
-        for part in _AND.split(text.strip()):
+        if not isinstance(text, str):
+            raise BadQuery(f"condition {text!r} is not text")
+        if len(text) > MAX_WHERE_CHARS:
+            raise BadQuery(f"a --where of {len(text):,} characters is too long (at most {MAX_WHERE_CHARS:,})")
+        for part in _AND.split(" ".join(text.split())):
             m = _COND.match(part)
             if not m:
-                raise BadQuery(f"cannot parse condition {part!r}",
+                raise BadQuery(f"cannot parse condition {_short(part)}",
                                "write KEY OP NUMBER with OP one of < <= > >= = !=, e.g. 'eval_loss<1.2'")
             try:
                 value = float(m.group("value"))
             except ValueError:
-                raise BadQuery(f"condition {part!r}: {m.group('value')!r} is not a number") from None
+                raise BadQuery(f"condition {_short(part)}: {_short(m.group('value'), 30)} is not a number") from None
             if math.isnan(value):
-                raise BadQuery(f"condition {part!r}: NaN never compares")
+                raise BadQuery(f"condition {_short(part)}: NaN never compares")
             out.append(Condition(m.group("key"), OPS[m.group("op")], value))
+            if len(out) > MAX_CONDITIONS:
+                raise BadQuery(f"more than {MAX_CONDITIONS} --where conditions",
+                               "filter in steps, or export with --json and filter there")
     return out
 
 
@@ -156,8 +175,14 @@ def build_list_query(*, name: str | None = None, base: str | None = None, alias:
     for c in conds:
         if c.key in COLUMNS:
             clauses.append(f"{COLUMNS[c.key]} {c.op} ?")
-        else:
+        elif c.key in metric_alias or len(metric_alias) < JOINED_METRICS:
             clauses.append(f"{metric(c.key)}.value {c.op} ?")
+        else:
+            # past the join budget: a lookup by primary key; a missing metric is NULL,
+            # which no comparison matches, exactly as the inner join would drop the row
+            clauses.append(f"(SELECT mx.value FROM metric_values mx WHERE mx.version_id = v.id "
+                           f"AND mx.key = ?) {c.op} ?")
+            params.append(c.key)
         params.append(c.value)
     if name:
         clauses.append("v.name GLOB ?")

@@ -151,3 +151,27 @@ def m002_metric_scan_index(db) -> None:
 
 
 KNOWN = [m.name for m in migrations._migrations]
+
+
+def check_ours(conn, path) -> None:
+    """Refuse, before anything is written, an SQLite file that holds another application's data.
+
+    Empty (a new registry) or carrying our migration set: ours. Anything else is someone
+    else's database: no migrations table is added and its journal mode is left as it is.
+    Reads only ``sqlite_master`` and the migrations table, so the file stays byte-identical.
+    """
+    from ..errors import RegistryError
+
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\\_%' "
+        "ESCAPE '\\' ORDER BY name")]
+    if not tables:
+        return
+    if migrations.migrations_table in tables and conn.execute(
+            f"SELECT 1 FROM {migrations.migrations_table} WHERE migration_set = ? LIMIT 1",
+            (migrations.name,)).fetchone():
+        return
+    shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+    raise RegistryError(f"{path}: an SQLite database that is not an adapterhub-local registry "
+                        f"(tables: {shown}); left untouched",
+                        "point --registry / $ADAPTERS_HOME at a registry folder, or a new one")
