@@ -58,33 +58,68 @@ for _mod in COMMAND_MODULES:
         cli.add_command(_cmd)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every cleanup path (temp dirs,
+    ``.partial`` outputs) runs; not a KeyboardInterrupt, so click prints nothing of its own."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _catch_sigterm() -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # leave a handler someone else set alone
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _interrupted(e: BaseException) -> None:
+    term = isinstance(e, Terminated)
+    click.echo(f"error: {'terminated' if term else 'interrupted'}; nothing half-written was left behind",
+               err=True)
+    sys.exit(143 if term else 130)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: turns known errors into one line and exit 1."""
+    """Console entry point: turns known errors into one line and exit 1.
+
+    Every message that may carry a name or path from a file or a server is escaped
+    (``output.safe_text``) before it reaches the terminal.
+    """
+    from .output import safe_text
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("ADAPTERS_DEBUG") == "1"
     if "--debug" in args:  # accepted anywhere on the line, not only before the verb
         args.remove("--debug")
         debug = True
+    _catch_sigterm()
     try:
         cli.main(args=args, prog_name="adapters", standalone_mode=False,
                  obj=AppContext(registry_path=None, debug=debug))
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except click.exceptions.Abort as e:
+        # click turns Ctrl-C into Abort (after echoing a newline); a refused prompt is one too
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            if debug:
+                raise e.__cause__ from None
+            _interrupted(e.__cause__)
+        click.echo("error: aborted; nothing was changed", err=True)
         sys.exit(130)
     except click.ClickException as e:
+        e.message = safe_text(e.message, one_line=False)
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         if debug:
             raise
-        click.echo("error: interrupted; nothing half-written was left behind", err=True)
-        sys.exit(130)
+        _interrupted(e)
     except AdapterHubError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {safe_text(e)}", err=True)
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(0)

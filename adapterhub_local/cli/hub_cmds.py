@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .output import emit_json, hint, human_bytes, json_option, table
+from .output import echo, emit_json, hint, human_bytes, json_option, table
 
 
 def _quiet_hf() -> None:
@@ -74,20 +74,20 @@ def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message,
         emit_json(res.to_dict())
         return
     if res.dry_run:
-        click.echo(f"dry run: nothing was sent. {repo_id} would receive ({res.kind}):")
+        echo(f"dry run: nothing was sent. {repo_id} would receive ({res.kind}):")
         rows = [[f.path, human_bytes(f.size), f.sha256[:16]] for f in res.files]
-        click.echo(table(rows, ["file", "size", "sha256"]))
-        click.echo(f"{len(res.files)} files, {human_bytes(res.total_bytes)}")
-        click.echo(f"folder: {res.staged_dir}")
+        echo(table(rows, ["file", "size", "sha256"]))
+        echo(f"{len(res.files)} files, {human_bytes(res.total_bytes)}")
+        echo(f"folder: {res.staged_dir}")
         return
     where = res.revision if not res.pr_url else f"pull request {res.revision}"
     if res.unchanged:
-        click.echo(f"unchanged: {repo_id} ({where}) already holds exactly these files; commit {res.commit_id}")
+        echo(f"unchanged: {repo_id} ({where}) already holds exactly these files; commit {res.commit_id}")
     else:
-        click.echo(f"pushed {res.registry_ref or ref_or_dir} to {repo_id} ({where}): "
+        echo(f"pushed {res.registry_ref or ref_or_dir} to {repo_id} ({where}): "
                    f"{len(res.files)} files, {human_bytes(res.total_bytes)}")
-        click.echo(f"commit {res.commit_id}")
-    click.echo(res.pr_url or res.url or res.commit_url)
+        echo(f"commit {res.commit_id}")
+    echo(res.pr_url or res.url or res.commit_url)
     if res.registry_ref:
         hint(f"recorded on {res.registry_ref}; see `adapters show {res.registry_ref}`")
 
@@ -127,10 +127,10 @@ def pull(ctx, spec, name, base, token, force, as_json):
     rec = res.record
     src = f"{res.repo_id}@{res.revision} (commit {res.commit_id[:12]})"
     if res.is_new:
-        click.echo(f"pulled {src} -> {rec.ref}  rank {rec.rank}  base "
+        echo(f"pulled {src} -> {rec.ref}  rank {rec.rank}  base "
                    f"{(rec.base_fingerprint or '-').split(':', 1)[-1][:12]}")
     else:
-        click.echo(f"unchanged: {src} is already {rec.ref}; no new version made")
+        echo(f"unchanged: {src} is already {rec.ref}; no new version made")
     if res.parents_linked:
         hint(f"lineage: parents {', '.join(res.parents_linked)}")
     if res.parents_missing:

@@ -1,11 +1,40 @@
-"""Output helpers: data to stdout (tables or --json), hints to stderr."""
+"""Output helpers: data to stdout (tables or --json), hints to stderr.
+
+Every string that reaches a terminal passes :func:`safe_text` first: names, paths and
+values come from files and servers we did not write, and a raw ESC, C1 or bidi control
+in them could rewrite the screen, hide text or forge output. ``--json`` needs nothing
+more: ``json.dumps`` (``ensure_ascii``) escapes every control and non-ASCII character.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import click
+
+# C0 (tab and newline handled separately), DEL, C1, and the Unicode controls that reorder or
+# break lines: bidi embeddings/overrides/isolates and marks, line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                     "\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_LINE = re.compile(_UNSAFE.pattern[:-1] + "\t\n]")
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def safe_text(text, one_line: bool = True) -> str:
+    """``text`` with every terminal control escaped as ``\\x1b`` / ``\\u202e``; with
+    ``one_line`` tabs and newlines too (a table cell or an error stays one line)."""
+    return (_UNSAFE_LINE if one_line else _UNSAFE).sub(_escape, str(text))
+
+
+def echo(text="", err: bool = False) -> None:
+    """click.echo of text that may carry strings from files or servers (newlines kept)."""
+    click.echo(safe_text(text, one_line=False), err=err)
 
 
 def emit_json(obj) -> None:
@@ -35,7 +64,7 @@ def fmt(value) -> str:
         return f"{value:.3e}"
     if isinstance(value, (list, tuple)):
         return ",".join(fmt(v) for v in value)
-    return str(value)
+    return safe_text(value)
 
 
 def human_bytes(n: float | None) -> str:
@@ -56,7 +85,7 @@ def table(rows: list[dict] | list[list], headers: list[str] | None = None) -> st
     else:
         body = [[fmt(c) for c in r] for r in rows]
     headers = headers or []
-    widths = [len(h) for h in headers]
+    widths = [len(safe_text(h)) for h in headers]
     for r in body:
         for i, c in enumerate(r):
             if i >= len(widths):
@@ -64,14 +93,14 @@ def table(rows: list[dict] | list[list], headers: list[str] | None = None) -> st
             widths[i] = max(widths[i], len(c))
     lines = []
     if headers:
-        lines.append("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
+        lines.append("  ".join(safe_text(h).upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in body:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
 
 
 def hint(message: str) -> None:
-    click.echo(message, err=True)
+    echo(message, err=True)
 
 
 def json_option(f):

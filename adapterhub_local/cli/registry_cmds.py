@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .output import emit_json, fmt, hint, human_bytes, json_option, table
+from .output import echo, emit_json, fmt, hint, human_bytes, json_option, table
 
 
 def _reg(ctx: click.Context):
@@ -62,10 +62,10 @@ def register(ctx, adapter_dir, name, base_dir, base_fingerprint, metrics, tags, 
         emit_json(rec.to_dict())
         return
     if rec.is_new:
-        click.echo(f"registered {rec.ref}  rank {rec.rank}  alpha {fmt(rec.alpha)}  "
+        echo(f"registered {rec.ref}  rank {rec.rank}  alpha {fmt(rec.alpha)}  "
                    f"targets {','.join(rec.targets)}  {human_bytes(rec.size)}  base {_short_fp(rec.base_fingerprint)}")
     else:
-        click.echo(f"unchanged {rec.ref}: these exact bytes are already that version; no new version made")
+        echo(f"unchanged {rec.ref}: these exact bytes are already that version; no new version made")
         if metric_values or tag_values or aliases:
             hint("the metrics, tags and aliases given were applied to it")
     if rec.aliases:
@@ -126,7 +126,7 @@ def list_cmd(ctx, name, base, alias, where, sort, limit, latest, as_json):
         row.update({k: r.metrics.get(k) for k in cols})
         row.update({"size": human_bytes(r.size), "created": _when(r.created_at)})
         rows.append(row)
-    click.echo(table(rows))
+    echo(table(rows))
     if limit and len(recs) == limit:
         hint(f"(first {limit}; --limit 0 shows all)")
 
@@ -183,20 +183,20 @@ def show(ctx, ref, history, as_json):
         rows.append(["ancestors", ", ".join(deeper)])
     for h in rec.hub:
         rows.append(["hub", f"{h['repo_id']}@{h['revision'] or 'main'} {h['commit_id'] or ''}".strip()])
-    click.echo(table(rows))
+    echo(table(rows))
     if rec.metrics:
-        click.echo("\nmetrics")
-        click.echo(table([[k, v] for k, v in sorted(rec.metrics.items())]))
+        echo("\nmetrics")
+        echo(table([[k, v] for k, v in sorted(rec.metrics.items())]))
     if hist:
-        click.echo("\nmetric history")
-        click.echo(table(hist, ["key", "value", "step", "split", "logged_at"]))
+        echo("\nmetric history")
+        echo(table(hist, ["key", "value", "step", "split", "logged_at"]))
     for title, key in (("made by", "made_by"), ("used in", "used_in")):
         for m in merges[key]:
             ins = ", ".join(f"{i['ref']}" + (f"×{fmt(i['weight'])}" if i["weight"] is not None else "")
                             for i in m["inputs"])
-            click.echo(f"\n{title} merge #{m['id']}: {m['method']}({ins}) -> {m['output_version'] or m['output']}")
-    click.echo("\nfiles")
-    click.echo(table([[fn, human_bytes(rec.file_sizes.get(fn)), sha] for fn, sha in rec.files.items()],
+            echo(f"\n{title} merge #{m['id']}: {m['method']}({ins}) -> {m['output_version'] or m['output']}")
+    echo("\nfiles")
+    echo(table([[fn, human_bytes(rec.file_sizes.get(fn)), sha] for fn, sha in rec.files.items()],
                      ["file", "size", "sha256"]))
 
 
@@ -220,14 +220,14 @@ def alias(ctx, ref, alias, remove, as_json):
         if as_json:
             emit_json({"alias": f"{ref}:{alias}", "removed": True, "was": was})
         else:
-            click.echo(f"removed {ref}:{alias} (was {was})")
+            echo(f"removed {ref}:{alias} (was {was})")
         return
     rec, prev = reg.set_alias(ref, alias)
     if as_json:
         emit_json({"alias": f"{rec.name}:{alias}", "ref": rec.ref, "previous": prev})
         return
     moved = f" (was {prev})" if prev and prev != rec.ref else ""
-    click.echo(f"{rec.name}:{alias} -> {rec.ref}{moved}")
+    echo(f"{rec.name}:{alias} -> {rec.ref}{moved}")
 
 
 @click.command(name="log-metric")
@@ -251,7 +251,7 @@ def log_metric(ctx, ref, pairs, step, split, as_json):
     if as_json:
         emit_json({"ref": rec.ref, "metrics": rec.metrics})
         return
-    click.echo(f"{rec.ref}: " + "  ".join(f"{k}={fmt(v)}" for k, v in sorted(rec.metrics.items())))
+    echo(f"{rec.ref}: " + "  ".join(f"{k}={fmt(v)}" for k, v in sorted(rec.metrics.items())))
 
 
 @click.command()
@@ -274,7 +274,7 @@ def export(ctx, ref, out_dir, overwrite, as_json):
     if as_json:
         emit_json({"ref": rec.ref, "path": str(out), "files": sorted(rec.files) + ["provenance.json"]})
         return
-    click.echo(f"exported {rec.ref} to {out}")
+    echo(f"exported {rec.ref} to {out}")
 
 
 @click.command()
@@ -299,7 +299,7 @@ def rm(ctx, ref, force, yes, as_json):
     if as_json:
         emit_json(report)
         return
-    click.echo(f"removed {report['removed']}; freed {human_bytes(report['bytes_freed'])} "
+    echo(f"removed {report['removed']}; freed {human_bytes(report['bytes_freed'])} "
                f"({report['blobs_removed']} blob(s))")
 
 
@@ -320,7 +320,7 @@ def gc(ctx, dry_run, as_json):
         emit_json(report)
         return
     verb = "would free" if dry_run else "freed"
-    click.echo(f"{verb} {human_bytes(report['bytes_freed'])}: {report['blobs_removed']} blob(s), "
+    echo(f"{verb} {human_bytes(report['bytes_freed'])}: {report['blobs_removed']} blob(s), "
                f"{report['temp_files_removed']} temp file(s), {report['checkouts_removed']} checkout(s)")
 
 
@@ -344,10 +344,10 @@ def verify(ctx, ref, as_json):
         emit_json(report)
     else:
         for p in report["problems"]:
-            click.echo(f"PROBLEM {p.get('ref') or ''} {p.get('file') or ''}: {p['problem']}".replace("  ", " "))
+            echo(f"PROBLEM {p.get('ref') or ''} {p.get('file') or ''}: {p['problem']}".replace("  ", " "))
         for o in report["orphans"]:
-            click.echo(f"orphan {o}")
-        click.echo(f"{'ok' if report['ok'] else 'FAILED'}: {report['versions']} version(s), {report['files']} "
+            echo(f"orphan {o}")
+        echo(f"{'ok' if report['ok'] else 'FAILED'}: {report['versions']} version(s), {report['files']} "
                    f"file(s), {report['blobs']} blob(s), {human_bytes(report['bytes_hashed'])} re-hashed, "
                    f"{len(report['problems'])} problem(s), {len(report['orphans'])} orphan(s)")
         if report["orphans"] and report["ok"]:
