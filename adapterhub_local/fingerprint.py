@@ -7,8 +7,9 @@ pass over each file feed both the file's plain sha256 (the Hub's LFS oid) and
 the tensor digests, and lets a streaming merge verify a base tensor by tensor
 in whatever order it reads them, with no second read.
 
-We parse the safetensors header ourselves and hash byte ranges straight from
-the file, so memory stays at one read buffer and torch is not needed.
+Headers come from the one validating reader (safetensors_io.read_header); we
+hash byte ranges straight from the file, so memory stays at one read buffer and
+torch is not needed.
 """
 
 from __future__ import annotations
@@ -16,22 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InvalidModel
+from .safetensors_io import numel, read_header
 
 FP_PREFIX = "sha256:"
 READ = 8 * 1024 * 1024
 FORMAT_VERSION = 1
-
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}
-
 
 def tensor_digest(name: str, dtype: str, shape, data) -> str:
     """Digest of one tensor; ``data`` is its raw bytes (bytes-like)."""
@@ -50,45 +45,6 @@ def combine(digests: dict[str, str]) -> str:
     for name in sorted(digests):
         h.update(f"{name}\0{digests[name]}\n".encode())
     return FP_PREFIX + h.hexdigest()
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: list[int]
-    start: int  # absolute byte offset in the file
-    end: int
-    file: str
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Tensors (with absolute byte ranges) and ``__metadata__`` of a safetensors file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError("header length points past the end of the file")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError) as e:
-        raise InvalidModel(path, f"not a readable safetensors file, truncated or corrupt ({e})") from None
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    tensors = {}
-    for name, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidModel(path, f"bad header entry for tensor {name}") from None
-        if base + end > size:
-            raise InvalidModel(path, f"tensor {name} ends past the end of the file (truncated?)")
-        tensors[name] = TensorInfo(name, dtype, list(shape), base + start, base + end, path.name)
-    return tensors, meta
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -288,9 +244,7 @@ def fingerprint_model(model_dir: str | Path, use_cache: bool = True, file_hashes
             if name in fp.tensors:
                 raise InvalidModel(model_dir, f"tensor {name} appears in more than one shard")
             fp.tensors[name] = digests[name]
-            n = 1
-            for s in info.shape:
-                n *= s
+            n = numel(info.shape)
             fp.num_parameters += n
             fp.dtypes[info.dtype] = fp.dtypes.get(info.dtype, 0) + n
             fp.total_bytes += info.end - info.start

@@ -62,7 +62,9 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     """Serialise ``tensors`` to ``path`` atomically; returns the byte size."""
     from safetensors.torch import save
 
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    from .lora import as_torch
+
+    data = save({k: as_torch(v).contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data, fsync=fsync)
     return len(data)
 

@@ -7,9 +7,10 @@ whose factors are ``lora_embedding_A`` (r, num_embeddings) and
 ``lora_embedding_B`` (dim, r). The seed text's W' = W + AB is the same update
 with the other orientation; everything here uses the PEFT names.
 
-All arithmetic is float32; callers cast once at the end. Factors are torch tensors for
-the trainer and the adapter algebra, or numpy arrays for the torch-free merge into a base
-(peft_format.load_adapter(arrays="numpy")); only the methods that do torch math import it.
+All arithmetic is float32; callers cast once at the end. Factors are numpy arrays as
+``peft_format.load_adapter`` reads them, or torch tensors where the trainer and the adapter
+algebra made them; ``as_torch`` turns an array into a tensor without a copy, and only the
+methods that do torch math import torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,29 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+def as_torch(x):
+    """A torch tensor sharing ``x``'s memory (``torch.from_numpy``); tensors pass through."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        import torch
+
+        return torch.from_numpy(x)
+    return x
+
+
+def as_numpy(x, dtype=None):
+    """A numpy array of ``x`` (a torch tensor is detached and moved to the CPU, bf16 upcast)."""
+    import numpy as np
+
+    if not isinstance(x, np.ndarray):
+        import torch
+
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return x if dtype is None else np.asarray(x, dtype=dtype)
 
 
 def pattern_key(patterns, module: str) -> str | None:
@@ -44,6 +68,14 @@ def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
     if key is not None:
         alpha = alpha_pattern[key]
     return int(r), float(alpha)
+
+
+def factored_sq_norm(a, b) -> float:
+    """‖B·A‖²_F without forming B·A: tr((AAᵀ)(BᵀB)), r×r work, in float64 (numpy or torch in)."""
+    import numpy as np
+
+    a, b = as_numpy(a, np.float64), as_numpy(b, np.float64)
+    return max(float(np.sum((a @ a.T) * (b.T @ b))), 0.0)
 
 
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -85,34 +117,52 @@ class LoraModule:
         out, inn = int(self.B.shape[0]), int(self.A.shape[1])
         return (inn, out) if self.transposed else (out, inn)
 
-    def delta(self, weight: float = 1.0) -> torch.Tensor:
-        """weight · s · B @ A in float32, in the base weight's orientation."""
+    def delta(self, weight: float = 1.0, orient: bool = True) -> torch.Tensor:
+        """weight · s · B @ A in float32, in the base weight's orientation (``orient=False``:
+        always (out, in), as B @ A comes out)."""
         import torch
 
-        a = self.A.to(torch.float32)
-        b = self.B.to(torch.float32) * (self.scale * weight)
-        d = b @ a
-        return d.T if self.transposed else d
+        a = as_torch(self.A).to(torch.float32)
+        b = as_torch(self.B).to(torch.float32) * (self.scale * weight)
+        return orient_delta(b @ a, self.transposed and orient)
 
     def bias_delta(self, weight: float = 1.0) -> torch.Tensor | None:
         if self.bias is None:
             return None
         import torch
 
-        return self.bias.to(torch.float32) * (self.scale * weight)
+        return as_torch(self.bias).to(torch.float32) * (self.scale * weight)
 
     def delta_norm(self) -> float:
         """‖s·B·A‖_F without forming ΔW: ‖BA‖² = tr((AAᵀ)(BᵀB)), r×r work."""
-        import torch
-
-        a = self.A.to(torch.float64)
-        b = self.B.to(torch.float64)
-        sq = torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0).item()
-        return abs(self.scale) * math.sqrt(sq)
+        return abs(self.scale) * math.sqrt(factored_sq_norm(self.A, self.B))
 
     def num_parameters(self) -> int:
         n = math.prod(self.A.shape) + math.prod(self.B.shape)
         return n + (math.prod(self.bias.shape) if self.bias is not None else 0)
+
+
+def orient_delta(d, transposed: bool):
+    """B @ A comes out (out, in); weights stored (in, out) (fan_in_fan_out, embeddings) take Dᵀ."""
+    return d.T if transposed else d
+
+
+def stack_factors(modules: list[tuple[LoraModule, float]], numpy: bool = False):
+    """The factors of Σ wᵢ·sᵢ·BᵢAᵢ as one pair, float32, the weights folded into B:
+    A = [A₁; …; Aₖ] (Σr, in) and B = [w₁s₁B₁ … wₖsₖBₖ] (out, Σr), so the sum is B @ A exactly.
+    torch tensors, or with ``numpy`` numpy arrays (one A is returned without a copy)."""
+    if numpy:
+        import numpy as np
+
+        f32 = [as_numpy(m.A, np.float32) for m, _ in modules]
+        a = np.concatenate(f32, axis=0) if len(f32) > 1 else np.ascontiguousarray(f32[0])
+        b = np.concatenate([as_numpy(m.B, np.float32) * np.float32(m.scale * w) for m, w in modules], axis=1)
+        return a, b
+    import torch
+
+    a = torch.cat([as_torch(m.A).to(torch.float32) for m, _ in modules], dim=0)
+    b = torch.cat([as_torch(m.B).to(torch.float32) * (m.scale * w) for m, w in modules], dim=1)
+    return a, b
 
 
 def stacked_delta(modules: list[tuple[LoraModule, float]]) -> torch.Tensor:
@@ -121,8 +171,6 @@ def stacked_delta(modules: list[tuple[LoraModule, float]]) -> torch.Tensor:
     One (out, Σr) @ (Σr, in) matmul beats k separate products and sums
     in float32 before any cast. All modules must share orientation and shape.
     """
-    import torch
-
     if len(modules) == 1:
         mod, w = modules[0]
         return mod.delta(w)
@@ -131,7 +179,5 @@ def stacked_delta(modules: list[tuple[LoraModule, float]]) -> torch.Tensor:
     for mod, _ in modules:
         if mod.delta_shape != shape or mod.transposed != first.transposed:
             raise ValueError(f"{mod.name}: cannot stack deltas of different shapes")
-    a = torch.cat([m.A.to(torch.float32) for m, _ in modules], dim=0)
-    b = torch.cat([m.B.to(torch.float32) * (m.scale * w) for m, w in modules], dim=1)
-    d = b @ a
-    return d.T if first.transposed else d
+    a, b = stack_factors(modules)
+    return orient_delta(b @ a, first.transposed)

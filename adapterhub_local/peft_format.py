@@ -4,16 +4,16 @@ What PEFT writes we read; what we write PEFT loads. Pickled ``adapter_model.bin`
 is refused, never unpickled. Every problem is an ``InvalidAdapter`` naming the
 file and what is wrong with it.
 
-``load_adapter(..., arrays="numpy")`` reads the safetensors file with our own header
-parser and numpy (float factors upcast to float32), so a merge into a base never
-imports torch; the validation below is the same for both kinds of arrays.
+``load_adapter`` reads the safetensors file with the one validating reader
+(safetensors_io) into numpy arrays, floating tensors as float32 (views of the
+mapped file when stored as float32): no torch. Code that does torch math turns
+an array into a tensor with ``lora.as_torch`` (``torch.from_numpy``, no copy).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +82,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None
+    dtypes: dict[str, str] = field(default_factory=dict)  # PEFT key -> dtype in the file read
 
     @property
     def base_model(self) -> str | None:
@@ -99,6 +100,16 @@ class LoraAdapter:
     def targets(self) -> list[str]:
         """Short target names (q_proj, v_proj, ...), sorted."""
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    def to_torch(self) -> LoraAdapter:
+        """The same adapter with torch tensors that share the arrays' memory (no copy)."""
+        from dataclasses import replace
+
+        from .lora import as_torch
+
+        modules = {n: replace(m, A=as_torch(m.A), B=as_torch(m.B),
+                              bias=None if m.bias is None else as_torch(m.bias)) for n, m in self.modules.items()}
+        return replace(self, modules=modules, extra={k: as_torch(t) for k, t in self.extra.items()})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The PEFT state dict, keys as PEFT saves them."""
@@ -140,66 +151,6 @@ def _read_config(folder: Path) -> dict:
     return cfg
 
 
-def _read_tensors(path: Path, arrays: str = "torch") -> tuple[dict, dict]:
-    if arrays == "numpy":
-        return _read_numpy(path)
-    from safetensors import safe_open
-
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    except Exception as e:  # safetensors raises several types for bad files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InvalidAdapter(path, f"not a readable safetensors file, truncated or corrupt ({msg})") from None
-    return tensors, metadata
-
-
-_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
-              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
-def _read_numpy(path: Path) -> tuple[dict, dict]:
-    """The tensors of a safetensors file as numpy arrays, floats as float32 (no torch)."""
-    import mmap
-
-    import numpy as np
-
-    from .errors import InvalidModel
-    from .fingerprint import read_header
-
-    try:
-        infos, metadata = read_header(path)
-        with open(path, "rb") as fh:  # mapped, not read: float32 factors are views, no copy
-            size = os.fstat(fh.fileno()).st_size
-            data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else b""
-    except InvalidModel as e:  # worded as the torch path words it
-        msg = e.problem if e.problem.startswith("not a readable") else (
-            f"not a readable safetensors file, truncated or corrupt ({e.problem})")
-        raise InvalidAdapter(path, msg) from None
-    except OSError as e:
-        raise InvalidAdapter(path, f"not a readable safetensors file ({e.strerror})") from None
-    tensors = {}
-    for name, info in infos.items():
-        dt = _NP_DTYPES.get(info.dtype)
-        shape = [int(s) for s in info.shape]
-        if dt is None:
-            raise InvalidAdapter(path, f"not a readable safetensors file, truncated or corrupt "
-                                 f"(tensor {name} has unsupported dtype {info.dtype})")
-        if info.end - info.start != math.prod(shape) * np.dtype(dt).itemsize or info.end < info.start:
-            raise InvalidAdapter(path, f"not a readable safetensors file, truncated or corrupt "
-                                 f"(tensor {name}: byte range does not match its shape)")
-        a = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=info.start).reshape(shape)
-        if info.dtype == "BF16":
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        elif a.dtype.kind == "f" and a.dtype != np.float32:
-            a = a.astype(np.float32)
-        tensors[name] = a
-    return tensors, metadata
-
-
 def _is_float(t) -> bool:
     return t.is_floating_point() if hasattr(t, "is_floating_point") else t.dtype.kind == "f"
 
@@ -214,10 +165,8 @@ def _all_finite(t) -> bool:
     return bool(np.isfinite(t).all())
 
 
-def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: bool = True,
-                 arrays: str = "torch") -> LoraAdapter:
-    """Load and validate a PEFT LoRA folder. ``arrays="numpy"``: factors as float32 numpy
-    arrays, read without torch (what a merge into a base uses)."""
+def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
+    """Load and validate a PEFT LoRA folder: factors as float32 numpy arrays, no torch."""
     folder = Path(folder)
     if not folder.exists():
         raise InvalidAdapter(folder, "no such file or directory")
@@ -241,8 +190,12 @@ def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: boo
                 "DoRA adapter (use_dora=true): its update is not additive, so W + s·B·A would be wrong",
                 "merge it with PEFT's merge_and_unload() until DoRA is supported",
             )
-    tensors, _ = _read_tensors(weights, arrays)
-    return parse_state_dict(tensors, cfg, folder, allow_dora=allow_dora, check_finite=check_finite)
+    from .safetensors_io import read_arrays
+
+    tensors, _, infos = read_arrays(weights, InvalidAdapter, float32=True)
+    adapter = parse_state_dict(tensors, cfg, folder, allow_dora=allow_dora, check_finite=check_finite)
+    adapter.dtypes = {k: info.dtype for k, info in infos.items()}
+    return adapter
 
 
 def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
@@ -318,6 +271,15 @@ def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False,
     return out
 
 
+def _dtype_name(adapter: LoraAdapter, m: LoraModule) -> str:
+    """The factors' dtype as stored (a bf16 file's arrays are float32 in memory)."""
+    from .safetensors_io import DTYPES
+
+    key = f"{PREFIX}{m.name}.{'lora_embedding_A' if m.kind == 'embedding' else 'lora_A.weight'}"
+    stored = adapter.dtypes.get(key)
+    return DTYPES[stored].torch if stored in DTYPES else str(m.A.dtype).replace("torch.", "")
+
+
 def adapter_summary(adapter: LoraAdapter) -> dict:
     """What `adapters inspect` shows, as plain data."""
     cfg = adapter.config
@@ -326,7 +288,7 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         modules.append({
             "module": name, "kind": m.kind, "r": m.rank, "alpha": m.alpha, "scaling": m.scale,
             "delta_shape": list(m.delta_shape), "delta_norm": m.delta_norm(),
-            "dtype": str(m.A.dtype).replace("torch.", ""), "bias": m.bias is not None,
+            "dtype": _dtype_name(adapter, m), "bias": m.bias is not None,
         })
     return {
         "path": str(adapter.path) if adapter.path else None,

@@ -23,7 +23,8 @@ _TIED_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 
 def base_shapes(model_dir: Path) -> dict[str, list[int]]:
     """{tensor name: shape} over every shard, from the headers only."""
-    from ..fingerprint import model_files, read_header
+    from ..fingerprint import model_files
+    from ..safetensors_io import read_header
 
     shapes: dict[str, list[int]] = {}
     for f in model_files(Path(model_dir)):

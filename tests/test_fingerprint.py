@@ -16,9 +16,9 @@ from adapterhub_local.fingerprint import (
     cached_fingerprint,
     combine,
     fingerprint_model,
-    read_header,
     tensor_digest,
 )
+from adapterhub_local.safetensors_io import read_header
 
 
 @pytest.fixture

@@ -172,7 +172,7 @@ def test_stacked_delta_equals_sum_of_deltas():
 
 def test_delta_norm_and_summary(llama_dir, tmp_path):
     adir = make_peft_adapter(llama_dir, tmp_path / "ad", **LLAMA_CASES["rslora_patterns"])
-    ad = load_adapter(adir)
+    ad = load_adapter(adir).to_torch()
     summary = adapter_summary(ad)
     assert summary["ranks"] == [2, 3, 8]
     assert summary["use_rslora"] is True
@@ -186,7 +186,7 @@ def test_delta_norm_and_summary(llama_dir, tmp_path):
 
 def test_bf16_adapter_delta_is_computed_in_float32(llama_dir, tmp_path):
     adir = make_peft_adapter(llama_dir, tmp_path / "ad", r=4, lora_alpha=8)
-    ad = load_adapter(adir)
+    ad = load_adapter(adir).to_torch()
     m = next(iter(ad.modules.values()))
     exact = m.delta()
     m16 = LoraModule(m.name, m.A.bfloat16(), m.B.bfloat16(), m.scale)

@@ -25,7 +25,7 @@ from adapterhub_local.peft_format import LoraAdapter, load_adapter, lora_config
 
 def deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """{module: s·B·A} in float64, B@A orientation, independent of the merge code's math."""
-    return {n: (m.B.double() @ m.A.double()) * m.scale for n, m in adapter.modules.items()}
+    return {n: (m.B.double() @ m.A.double()) * m.scale for n, m in adapter.to_torch().modules.items()}
 
 
 def weighted_sum(items) -> dict[str, torch.Tensor]:

@@ -69,12 +69,16 @@ def test_numpy_inputs_give_the_same_bytes_as_torch_inputs(tmp_path):
     outs = {}
     for arrays in ("torch", "numpy"):
         outs[arrays] = tmp_path / arrays
-        merge_into_base(base, resolve_inputs([str(ad)], arrays=arrays), outs[arrays], progress=False, notify=None)
+        inputs = resolve_inputs([str(ad)])
+        if arrays == "torch":  # the same factors as torch tensors (torch.from_numpy, no copy)
+            for inp in inputs:
+                inp.adapter = inp.adapter.to_torch()
+        merge_into_base(base, inputs, outs[arrays], progress=False, notify=None)
     assert _files(outs["torch"]) == _files(outs["numpy"])
 
 
 def test_numpy_loader_matches_the_torch_loader_and_its_errors(adapter, tmp_path):
-    tl, nl = load_adapter(adapter), load_adapter(adapter, arrays="numpy")
+    tl, nl = load_adapter(adapter).to_torch(), load_adapter(adapter)
     assert tl.config == nl.config and set(tl.modules) == set(nl.modules)
     for name, m in tl.modules.items():
         n = nl.modules[name]
@@ -90,8 +94,8 @@ def test_numpy_loader_matches_the_torch_loader_and_its_errors(adapter, tmp_path)
         (low / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
         t = {k: v.to(dt) for k, v in load_file(adapter / WEIGHTS_NAME).items()}
         save_file(t, low / WEIGHTS_NAME, metadata={"format": "pt"})
-        got = load_adapter(low, arrays="numpy")
-        for name, m in load_adapter(low).modules.items():
+        got = load_adapter(low)
+        for name, m in load_adapter(low).to_torch().modules.items():
             assert np.array_equal(got.modules[name].B, m.B.float().numpy())
 
     def broken(tag, mutate):
@@ -117,7 +121,7 @@ def test_numpy_loader_matches_the_torch_loader_and_its_errors(adapter, tmp_path)
         with pytest.raises(InvalidAdapter) as t_err:
             load_adapter(d)
         with pytest.raises(InvalidAdapter) as n_err:
-            load_adapter(d, arrays="numpy")
+            load_adapter(d)
         if tag in ("truncated", "garbage"):
             assert "not a readable safetensors file" in str(n_err.value), tag
         else:  # the shared validation: the very same message
@@ -130,7 +134,7 @@ def test_bf16_merge_is_never_further_from_float32_truth_than_peft(llama, adapter
     from tiny import load_model
 
     out = tmp_path / "m"
-    merge_into_base(llama, resolve_inputs([str(adapter)], arrays="numpy"), out, progress=False, notify=None)
+    merge_into_base(llama, resolve_inputs([str(adapter)]), out, progress=False, notify=None)
     ours = {}
     for f in sorted(out.glob("model-*.safetensors")):
         ours.update(load_file(f))
@@ -139,7 +143,7 @@ def test_bf16_merge_is_never_further_from_float32_truth_than_peft(llama, adapter
         base.update(load_file(f))
     peft = PeftModel.from_pretrained(load_model(llama, torch.bfloat16), str(adapter)).merge_and_unload()
     ref = {k: v.detach() for k, v in peft.state_dict().items()}
-    ad = load_adapter(adapter)
+    ad = load_adapter(adapter).to_torch()
     checked = 0
     for name, m in ad.modules.items():
         key = f"{name}.weight"
@@ -161,7 +165,7 @@ def test_high_rank_blocks_on_every_core_give_the_same_bytes(llama, tmp_path, mon
 
     ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=20 + i, r=24,
                              target_modules=["q_proj", "down_proj", "gate_proj"]) for i in range(3)]
-    inputs = resolve_inputs([str(a) for a in ads], [0.5, 1.0, -0.25], arrays="numpy")
+    inputs = resolve_inputs([str(a) for a in ads], [0.5, 1.0, -0.25])
     assert sum(inp.adapter.ranks[0] for inp in inputs) > st.LOWRANK_SPLIT
     monkeypatch.setattr(st, "BLOCK_ELEMS", 64)  # many blocks per tensor, several in flight
     monkeypatch.setattr(st, "cores", lambda: cores)  # more compute threads than output slots
@@ -183,7 +187,7 @@ def test_pooled_blocks_run_on_across_tensors_and_copies_keep_their_place(llama, 
 
     ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=40 + i, r=40,
                              target_modules=["q_proj", "v_proj", "up_proj"]) for i in range(2)]
-    inputs = resolve_inputs([str(a) for a in ads], [1.0, -0.5], arrays="numpy")
+    inputs = resolve_inputs([str(a) for a in ads], [1.0, -0.5])
     seen = []
     real = mbase.compute_tensor
 
@@ -210,7 +214,7 @@ def test_pooled_float16_overflow_is_refused_and_leaves_nothing(llama, tmp_path, 
 
     ads = [make_peft_adapter(llama, tmp_path / f"a{i}", seed=50 + i, r=40, target_modules=["q_proj", "o_proj"])
            for i in range(2)]
-    inputs = resolve_inputs([str(a) for a in ads], [1e9, 1e9], arrays="numpy")
+    inputs = resolve_inputs([str(a) for a in ads], [1e9, 1e9])
     monkeypatch.setattr(st, "BLOCK_ELEMS", 96)
     with pytest.raises(AdapterHubError, match="overflows float16"):
         merge_into_base(llama, inputs, tmp_path / "o", dtype="float16", progress=False, notify=None)
@@ -226,7 +230,7 @@ def test_untouched_tensors_copied_in_place_by_the_kernel_or_by_pread_pwrite(llam
 
     import adapterhub_local.merge.stream as st
 
-    inputs = resolve_inputs([str(adapter)], arrays="numpy")
+    inputs = resolve_inputs([str(adapter)])
     cold = tmp_path / "cold"
     assert merge_into_base(llama, inputs, cold, progress=False, notify=None).fingerprint["source"] != "cache"
     calls = []
@@ -255,7 +259,7 @@ def test_without_the_c_kernel_the_numpy_fallback_writes_the_same_bytes(llama, ad
     from adapterhub_local.merge import cast
 
     b = make_peft_adapter(llama, tmp_path / "b", seed=8, r=2, target_modules=["q_proj", "o_proj"])
-    inputs = resolve_inputs([str(adapter), str(b)], [1.0, 0.5], arrays="numpy")
+    inputs = resolve_inputs([str(adapter), str(b)], [1.0, 0.5])
     outs = {}
     for kind in ("c", "numpy"):
         if kind == "numpy":
@@ -289,7 +293,7 @@ def test_adapter_file_hashes_computed_in_the_background_are_the_files_sha256(ada
     """A merge into a base hashes its adapters' files (for the recipe) while it merges."""
     import hashlib
 
-    (inp,) = resolve_inputs([str(adapter)], arrays="numpy")
+    (inp,) = resolve_inputs([str(adapter)])
     want = {name: hashlib.sha256((adapter / name).read_bytes()).hexdigest()
             for name in ("adapter_config.json", WEIGHTS_NAME)}
     assert inp.files == want and inp.to_recipe()["sha256"] == want
@@ -305,6 +309,6 @@ def test_an_adapter_file_unreadable_in_its_background_hash_is_one_clear_error(ad
         raise OSError(errno.EIO, "Input/output error", str(path))
 
     monkeypatch.setattr(mi, "file_sha256", broken)
-    (inp,) = resolve_inputs([str(adapter)], arrays="numpy")
+    (inp,) = resolve_inputs([str(adapter)])
     with pytest.raises(AdapterHubError, match=r"adapter_config.json: cannot read \(Input/output error\)"):
         inp.files  # noqa: B018

@@ -460,7 +460,7 @@ def test_grad_accum_split_does_not_change_the_step(tmp_path, base, corpus):
                   max_steps=3, dropout=0.0, group_by_length=False))
     b = train(cfg(base, corpus / "text.jsonl", tmp_path / "b", batch_size=2, grad_accum=4,
                   max_steps=3, dropout=0.0, group_by_length=False))
-    ta, tb = load_adapter(a.out).tensors(), load_adapter(b.out).tensors()
+    ta, tb = load_adapter(a.out).to_torch().tensors(), load_adapter(b.out).to_torch().tensors()
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)
 
@@ -509,7 +509,7 @@ def test_bf16_refused_on_cpu_without_bf16(tmp_path, base, corpus, monkeypatch):
     monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
     r = train(cfg(base, corpus / "text.jsonl", tmp_path / "y", bf16=True, max_steps=1))
     assert load_adapter(r.out).modules  # factors stay float32
-    assert next(iter(load_adapter(r.out).modules.values())).A.dtype == torch.float32
+    assert next(iter(load_adapter(r.out).to_torch().modules.values())).A.dtype == torch.float32
 
 
 # --- the CLI -----------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def test_training_with_and_without_onednn_agrees(tmp_path, monkeypatch):
         ], catch_exceptions=False)
         assert res.exit_code == 0, res.output
         log = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
-        runs[flag] = ([json.loads(x)["loss"] for x in log], load_adapter(tmp_path / flag).tensors())
+        runs[flag] = ([json.loads(x)["loss"] for x in log], load_adapter(tmp_path / flag).to_torch().tensors())
     n_linear = sum(type(m) is nn.Linear for m in load_model(base).modules())
     assert seen == [n_linear - 1]  # every frozen Linear but the head (the loss uses its weight)
     (l1, t1), (l0, t0) = runs["--onednn"], runs["--no-onednn"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterHubError, ShapeMismatch
-from ..lora import LoraModule, module_rank_alpha, scaling
+from ..lora import LoraModule, as_torch, module_rank_alpha, scaling
 from ..peft_format import LoraAdapter, lora_config
 
 
@@ -285,8 +285,8 @@ def load_lora_weights(model: nn.Module, adapter: LoraAdapter) -> None:
             if tuple(a.shape) != tuple(mod.A.shape) or tuple(b.shape) != tuple(mod.B.shape):
                 raise ShapeMismatch(name, tuple(a.shape) + tuple(b.shape),
                                     tuple(mod.A.shape) + tuple(mod.B.shape))
-            a.copy_(mod.A)
-            b.copy_(mod.B)
+            a.copy_(as_torch(mod.A))
+            b.copy_(as_torch(mod.B))
 
 
 def apply_adapter(model: nn.Module, adapter: LoraAdapter, dropout: float = 0.0) -> dict[str, LoraLayer]:
@@ -314,8 +314,8 @@ def apply_adapter(model: nn.Module, adapter: LoraAdapter, dropout: float = 0.0) 
         layer.scale = mod.scale  # trust the adapter's own scaling (rank/alpha patterns)
         with torch.no_grad():
             a, b = layer.factors
-            a.copy_(mod.A.to(torch.float32))
-            b.copy_(mod.B.to(torch.float32))
+            a.copy_(as_torch(mod.A).to(torch.float32))
+            b.copy_(as_torch(mod.B).to(torch.float32))
         layer.requires_grad_(False)
         setattr(parent, child, layer)
         layers[name] = layer

@@ -186,7 +186,7 @@ def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, 
                               "the first argument is BASE_DIR; add --into-adapter to combine adapters only")
     from ..merge.base import merge_into_base
 
-    inputs = resolve_inputs(refs, parse_weights(weights, len(refs)), home, arrays="numpy")  # no torch
+    inputs = resolve_inputs(refs, parse_weights(weights, len(refs)), home)  # no torch
     report = merge_into_base(base, inputs, out, dtype=dtype, max_shard_size=max_shard_size, force=force,
                              overwrite=overwrite, progress=not as_json)
     _register(app, report, out, register_name, inputs, adapter=False)

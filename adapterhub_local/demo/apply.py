@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from ..errors import InvalidAdapter, ShapeMismatch
+from ..lora import as_torch
 
 
 def _untie_if_needed(model, keys: set[str]) -> bool:
@@ -97,7 +98,7 @@ def applied(model, adapters: list[tuple[object, float]]):
                         raise ShapeMismatch(key, param.shape, tensor.shape, str(adapter.path or ""))
                     replaced[key] = adapter.path
                     saved.setdefault(key, param.detach().clone())
-                    param.copy_(tensor.to(param.dtype))
+                    param.copy_(as_torch(tensor).to(param.dtype))
         yield model
     finally:
         with torch.no_grad():

@@ -93,7 +93,8 @@ def _verify_download(folder: Path, siblings: dict, repo_id: str, commit: str) ->
 
 def check_against_base(adapter, base_dir: Path) -> None:
     """Every adapted module and modules_to_save tensor must exist in the base with the right shape."""
-    from ..fingerprint import model_files, read_header
+    from ..fingerprint import model_files
+    from ..safetensors_io import read_header
 
     shapes: dict[str, tuple] = {}
     for f in model_files(base_dir):

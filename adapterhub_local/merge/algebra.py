@@ -20,10 +20,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import AdapterHubError, ShapeMismatch
-from ..lora import LoraModule
+from ..lora import LoraModule, as_numpy, factored_sq_norm, stack_factors
 from ..peft_format import LoraAdapter, lora_config, save_adapter
 from .inputs import PROVENANCE_NAME, MergeInput
 from .methods import get_method, module_generator
@@ -50,9 +51,7 @@ def _group(inputs: list[MergeInput]) -> dict[str, list[tuple[int, LoraModule, fl
 
 
 def _cat(mods) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.cat([m.A.to(torch.float32) for _, m, _ in mods], dim=0)
-    b = torch.cat([m.B.to(torch.float32) * (m.scale * w) for _, m, w in mods], dim=1)
-    return a, b
+    return stack_factors([(m, w) for _, m, w in mods])
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int):
@@ -126,7 +125,7 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
             exact_sq, err_sq = energy, max(energy - kept, 0.0)
         else:
             exact = (b_cat.to(torch.float64) @ a_cat.to(torch.float64))
-            deltas = [(mm.B.to(torch.float32) * mm.scale) @ mm.A.to(torch.float32) for _, mm, _ in mods]
+            deltas = [mm.delta(orient=False) for _, mm, _ in mods]
             gens = [module_generator(seed, name, i) for i, _, _ in mods]
             dense = m.fn(deltas, [w for _, _, w in mods], density, gens)
             a_out, b_out, kept, energy = dense_svd(dense, rank)
@@ -143,7 +142,7 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
         tot_energy += energy
         bias = None
         if any(mm.bias is not None for _, mm, _ in mods):
-            bias = sum(mm.bias.to(torch.float32) * (mm.scale * w) for _, mm, w in mods if mm.bias is not None)
+            bias = sum(mm.bias_delta(w) for _, mm, w in mods if mm.bias is not None)
         r = int(a_out.shape[0])
         if r == 0:
             continue
@@ -171,8 +170,7 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
 
 
 def _frob_sq(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    return float(torch.sum((a64 @ a64.T) * (b64.T @ b64)).clamp_min(0))
+    return factored_sq_norm(a, b)
 
 
 def _check_bases(inputs: list[MergeInput], force: bool, report: MergeReport, notify) -> None:
@@ -197,7 +195,7 @@ def _merge_extras(inputs: list[MergeInput], groups) -> dict[str, torch.Tensor]:
     for inp in inputs:
         for key, t in inp.adapter.extra.items():
             if key in extra:
-                if not torch.equal(extra[key], t):
+                if not np.array_equal(as_numpy(extra[key]), as_numpy(t)):
                     raise AdapterHubError(f"{key} is replaced (modules_to_save) by both {owner[key]} and "
                                           f"{inp.ref}", "two whole-tensor replacements cannot be combined")
                 continue

@@ -117,27 +117,17 @@ def provenance_fingerprint(folder: Path) -> str | None:
     return None
 
 
-def resolve_input(ref: str, weight: float = 1.0, registry_home=None, arrays: str = "torch") -> MergeInput:
-    """``arrays="numpy"`` loads the factors as float32 numpy arrays without importing torch:
-    what a merge into a base needs (the adapter algebra needs torch tensors)."""
+def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
+    """One adapter, its factors as float32 numpy arrays (no torch: the algebra turns them into
+    tensors itself, without a copy)."""
     from ..refs import resolve_adapter
 
     folder, record = resolve_adapter(str(ref), registry_home)
-    return _load_input(str(ref), Path(folder), record, weight, arrays)
+    return _load_input(str(ref), Path(folder), record, weight)
 
 
-def _load_input(ref: str, folder: Path, record, weight: float, arrays: str) -> MergeInput:
-    if arrays == "numpy":
-        adapter = load_adapter(folder, arrays="numpy")
-    else:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # validation is memory-bound; OpenMP's barrier only hurts on a busy box
-        try:
-            adapter = load_adapter(folder)
-        finally:
-            torch.set_num_threads(threads)
+def _load_input(ref: str, folder: Path, record, weight: float) -> MergeInput:
+    adapter = load_adapter(folder)
     if record is not None:
         files = dict(getattr(record, "files", None) or {}) or _file_hashes(folder)
         files = {k: v for k, v in files.items() if k in (CONFIG_NAME, WEIGHTS_NAME)} or _file_hashes(folder)
@@ -145,26 +135,24 @@ def _load_input(ref: str, folder: Path, record, weight: float, arrays: str) -> M
                           base_fingerprint=getattr(record, "base_fingerprint", None)
                           or provenance_fingerprint(folder), _files=files)
     return MergeInput(ref=ref, folder=folder, adapter=adapter, weight=weight,
-                      base_fingerprint=provenance_fingerprint(folder),
-                      _files=_file_hashes_later(folder) if arrays == "numpy" else _file_hashes(folder))
+                      base_fingerprint=provenance_fingerprint(folder), _files=_file_hashes_later(folder))
 
 
-def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None,
-                   arrays: str = "torch") -> list[MergeInput]:
+def resolve_inputs(refs, weights: list[float] | None = None, registry_home=None) -> list[MergeInput]:
     refs = [str(r) for r in refs]
     if not refs:
         raise AdapterHubError("no adapters given", "name at least one REF (registry reference or PEFT folder)")
     weights = weights if weights is not None else [1.0] * len(refs)
-    if arrays != "numpy" or len(refs) == 1:
-        return [resolve_input(r, w, registry_home, arrays) for r, w in zip(refs, weights)]
+    if len(refs) == 1:
+        return [resolve_input(r, w, registry_home) for r, w in zip(refs, weights)]
     # numpy loading and hashing release the GIL: load several adapters at once, one per core
     # (references are resolved first, one by one: the registry may check a version out)
     from ..refs import resolve_adapter
 
     located = [resolve_adapter(r, registry_home) for r in refs]
     with ThreadPoolExecutor(min(len(refs), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda i: _load_input(refs[i], Path(located[i][0]), located[i][1], weights[i],
-                                                   arrays), range(len(refs))))
+        return list(pool.map(lambda i: _load_input(refs[i], Path(located[i][0]), located[i][1], weights[i]),
+                             range(len(refs))))
 
 
 def check_hashes(inp: MergeInput, expected: dict[str, str]) -> None:

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidModel
-from ..fingerprint import TensorInfo, model_files, read_header
+from ..fingerprint import model_files
+from ..safetensors_io import FLOATS as FLOAT_ST  # noqa: F401 (merge/ imports it from here)
+from ..safetensors_io import ITEMSIZE, TensorInfo, encode_header, numel, read_header
 
-FLOAT_ST = {"F64", "F32", "F16", "BF16"}
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "bf16": "BF16", "fp16": "F16",
                "fp32": "F32", "half": "F16", "float": "F32"}
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -56,13 +55,6 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise AdapterHubError(f"--max-shard-size {text!r} must be positive")
     return size
-
-
-def numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def scan_model(model_dir: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
@@ -205,14 +197,9 @@ def shard_names(n: int) -> list[str]:
 
 
 def shard_header(tensors: list[OutTensor]) -> bytes:
-    """The 8-byte length plus JSON header, padded to 8 bytes as safetensors does."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                          "data_offsets": [t.offset, t.offset + t.nbytes]}
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    """The 8-byte length plus JSON header (validated by the reader's own rules)."""
+    return encode_header([(t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for t in tensors],
+                         {"format": "pt"})
 
 
 def index_json(shards: list[list[OutTensor]], names: list[str]) -> str:

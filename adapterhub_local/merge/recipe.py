@@ -105,9 +105,8 @@ def replay(recipe: dict, out, *, overwrite: bool = False, registry_home=None, ba
                             expect={"base": recipe["base"].get("fingerprint"),
                                     "tuned": recipe["tuned"].get("fingerprint")})
     inputs = []
-    arrays = "numpy" if op == "merge" else "torch"  # a merge into a base needs no torch
     for item in recipe["inputs"]:
-        inp = resolve_input(item["ref"], float(item.get("weight", 1.0)), registry_home, arrays)
+        inp = resolve_input(item["ref"], float(item.get("weight", 1.0)), registry_home)
         check_hashes(inp, item.get("sha256") or {})
         inputs.append(inp)
     if op == "merge":
