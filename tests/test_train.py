@@ -493,10 +493,40 @@ def test_registers_with_fingerprint_metrics_and_tags(tmp_path, base, corpus):
 def test_divergence_is_an_error_not_a_nan_adapter(tmp_path, base, corpus):
     from adapterhub_local.trainer.loop import TrainError
 
-    with pytest.raises(TrainError, match="diverged"):
-        train(cfg(base, corpus / "text.jsonl", tmp_path / "x", lr=1e30, max_steps=6,
+    # Adam's first step moves every B entry by about lr; at 3e37 that is ~3e38, next to
+    # float32's maximum, so the next forward overflows to inf and the loss is NaN on any
+    # CPU. (At 1e30 nothing overflows: RMSNorm squares the 1e30 residual to inf and scales
+    # it to 0, and the loss sits at ln(vocab), finite: whether it turns NaN is numerics.)
+    with pytest.raises(TrainError, match="diverged: loss is nan at step 2"):
+        train(cfg(base, corpus / "text.jsonl", tmp_path / "x", lr=3e37, max_steps=6,
                   max_grad_norm=None, warmup=0, schedule="constant"))
     assert not (tmp_path / "x" / WEIGHTS_NAME).exists()
+
+
+@pytest.mark.parametrize("blowup_at,kw", [
+    (3, {}),  # the last step: its loss was computed before the update that blew up
+    (2, {"save_every": 2, "max_steps": 4}),  # a checkpoint is never written from NaN weights
+])
+def test_weights_that_blow_up_are_never_written(tmp_path, base, corpus, monkeypatch, blowup_at, kw):
+    from adapterhub_local.trainer.loop import TrainError
+
+    class BlowUp(torch.optim.AdamW):
+        n = 0
+
+        def step(self, closure=None):
+            out = super().step(closure)
+            BlowUp.n += 1
+            if BlowUp.n == blowup_at:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][-1].view(-1)[0] = math.inf
+            return out
+
+    monkeypatch.setattr(torch.optim, "AdamW", BlowUp)
+    out = tmp_path / "x"
+    with pytest.raises(TrainError, match=f"diverged: the LoRA weights are not finite after step {blowup_at}"):
+        train(cfg(base, corpus / "text.jsonl", out, **{"max_steps": 3, **kw}))
+    assert BlowUp.n == blowup_at
+    assert not (out / WEIGHTS_NAME).exists() and not (out / "checkpoints").exists()
 
 
 def test_bf16_refused_on_cpu_without_bf16(tmp_path, base, corpus, monkeypatch):

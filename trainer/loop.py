@@ -213,6 +213,16 @@ def _check_resume(blob: dict, cfg: TrainConfig, world: int) -> None:
             "resume with the same flags, or start a new run")
 
 
+def require_finite(params: list[torch.Tensor], step: int) -> None:
+    """Refuse to go on (and so to write anything) once a LoRA weight is inf or NaN.
+
+    The loss check alone misses the last step: its loss is computed before the update
+    that may have blown the weights up."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrainError(f"training diverged: the LoRA weights are not finite after step {step}",
+                         "lower --lr, or check the data; the last good checkpoint is kept")
+
+
 def evaluate(loss_fn: CausalLMLoss, batches: list[dict], d: Dist, autocast) -> tuple[float, float]:
     """Token-weighted mean loss over the eval set (all ranks), and its perplexity."""
     was = loss_fn.training
@@ -388,6 +398,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
 
     def save_ckpt():
         nonlocal last_ckpt
+        require_finite(params, step)
         if d.is_main:
             log.flush()
             last_ckpt = ckpt_mod.save_checkpoint(out / "checkpoints" / f"step-{step:06d}", adapter_now(),
@@ -408,6 +419,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         record({"step": step, "eval_loss": ev_loss, "eval_perplexity": ev_ppl})
         if ev_loss < best:
             best, best_step = ev_loss, step
+            require_finite(params, step)
             if d.is_main:
                 from ..peft_format import save_adapter
 
@@ -458,8 +470,11 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
             tokens_seen += int(n_tok)
             (loss_total,) = d.sum([loss_sum])
             train_loss = loss_total / n_loss
-            if not math.isfinite(train_loss):
-                raise TrainError(f"training diverged: loss is {train_loss} at step {step}",
+            bad = (f"loss is {train_loss}" if not math.isfinite(train_loss) else
+                   f"gradient norm is {float(grad_norm)}"
+                   if grad_norm is not None and not math.isfinite(float(grad_norm)) else None)
+            if bad:
+                raise TrainError(f"training diverged: {bad} at step {step}",
                                  "lower --lr, or check the data; the last good checkpoint is kept")
             elapsed = time.time() - t_loop
             tps = (tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
@@ -513,6 +528,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         metrics.update({"eval_loss": last_eval[1], "eval_perplexity": last_eval[2],
                         "best_eval_loss": best, "best_eval_perplexity": math.exp(min(best, 50.0)),
                         "best_step": best_step})
+    require_finite(params, step)
     result = TrainResult(out=out, metrics=metrics, history=history, checkpoint=last_ckpt,
                          best_dir=out / "best" if best_step else None)
     if d.is_main:
