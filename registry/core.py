@@ -17,13 +17,16 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import provenance as _prov
 from ..errors import AdapterHubError, AdapterNotFound, RegistryError
 from .blobs import BlobCorrupt, BlobStore, sha256_file
 from .query import build_list_query
 from .records import VersionRecord, loads, record_from_row
 
 DB_NAME = "registry.db"
-PROVENANCE_NAME = "provenance.json"
+PROVENANCE_NAME = _prov.NAME  # what `export` writes; see adapterhub_local/provenance.py
+# provenance files describe a version, they are not part of it (old exports wrote provenance.json)
+PROVENANCE_NAMES = (_prov.NAME, _prov.EXPORT_NAME)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REF_RE = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<version>\d+|latest)|:(?P<alias>[A-Za-z0-9][A-Za-z0-9._-]*))?$"
@@ -70,11 +73,12 @@ SKIP_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state.*\.pth|trainin
 
 def adapter_files(folder: Path, skipped: list | None = None) -> dict[str, Path]:
     """Files that make up a version: the folder's regular, non-hidden top-level files,
-    minus training leftovers and the provenance file `export` writes (it describes the
-    version, it is not part of it). Names left out are appended to ``skipped``."""
+    minus training leftovers and the provenance files (adapterhub.json, an old export's
+    provenance.json: they describe the version, they are not part of it). Names left out
+    are appended to ``skipped``."""
     out = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name == PROVENANCE_NAME:
+        if p.name.startswith(".") or p.name in PROVENANCE_NAMES:
             continue
         if not p.is_file() or SKIP_FILES.match(p.name):
             if skipped is not None:

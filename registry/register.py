@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidAdapter, ShapeMismatch
+from ..provenance import read as read_provenance
 from .core import (
-    PROVENANCE_NAME,
     adapter_files,
     check_name,
     content_hash,
@@ -136,11 +136,10 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
     provenance = dict(provenance or {})
     if skipped:
         provenance.setdefault("skipped_files", skipped)
-    if (folder / PROVENANCE_NAME).is_file() and "exported" not in provenance:
-        try:
-            provenance["exported"] = json.loads((folder / PROVENANCE_NAME).read_text())
-        except (OSError, ValueError):
-            pass
+    if "exported" not in provenance:
+        described = read_provenance(folder)  # one line naming the file and field if we cannot accept it
+        if described is not None:
+            provenance["exported"] = described
 
     # Blobs first: a crash from here on leaves only orphan blobs.
     manifest: dict[str, tuple[str, int]] = {}

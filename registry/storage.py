@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -68,27 +67,26 @@ def adapter_path(self, rec_or_ref) -> Path:
 
 
 def provenance(self, rec) -> dict:
+    """The adapterhub.json an export of ``rec`` carries (format 2, written_by "export")."""
+    from .. import provenance as prov
+
     base = self.base_model(rec.base_fingerprint) if rec.base_fingerprint else None
-    return {
-        "registry": {"name": rec.name, "version": rec.version, "ref": rec.ref, "home": str(self.home)},
-        "base_fingerprint": rec.base_fingerprint,
-        "base_model": ({k: base[k] for k in ("name_or_path", "architecture", "dtype", "num_parameters", "files")}
-                       if base else {"name_or_path": rec.base_model}),
-        "content_sha256": rec.content_sha256,
-        "files": rec.files,
-        "metrics": rec.metrics,
-        "aliases": rec.aliases,
-        "tags": rec.tags,
-        "note": rec.note,
-        "lineage": {"parents": rec.parents, "children": rec.children, **self.merges_for(rec)},
-        "provenance": rec.provenance,
-        "created_at": rec.created_at,
-        "exported_at": now(),
-    }
+    merges = self.merges_for(rec)
+    extra = {"home": str(self.home), "content_sha256": rec.content_sha256, "exported_at": now(),
+             "base_model": ({k: base[k] for k in ("name_or_path", "architecture", "dtype", "num_parameters", "files")}
+                            if base else None),
+             "record_provenance": rec.provenance or None}
+    d = prov.build("adapter", "export", base_fingerprint=rec.base_fingerprint,
+                   base_name=(base or {}).get("name_or_path") or rec.base_model, record=rec, parents=rec.parents,
+                   children=rec.children, metrics=rec.metrics, files=rec.files,
+                   extra={k: v for k, v in extra.items() if v is not None})
+    d["lineage"].update(made_by=merges["made_by"], used_in=merges["used_in"])
+    return prov.validate(d)
 
 
 def export(self, ref, out, overwrite: bool = False) -> Path:
-    """Write a plain PEFT folder for ``ref`` at ``out`` (atomically), with provenance.json."""
+    """Write a plain PEFT folder for ``ref`` at ``out`` (atomically), with adapterhub.json."""
+    from .. import provenance as prov
     from ..fsutil import atomic_dir
 
     rec = self.resolve(ref)
@@ -98,7 +96,7 @@ def export(self, ref, out, overwrite: bool = False) -> Path:
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for fn, sha in rec.files.items():
             self.blobs.copy_to(sha, tmp / fn)  # raises BlobCorrupt, and atomic_dir leaves nothing
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance(self, rec), indent=2, sort_keys=True) + "\n")
+        (tmp / PROVENANCE_NAME).write_text(prov.dumps(provenance(self, rec), str(out / PROVENANCE_NAME)))
     return out
 
 

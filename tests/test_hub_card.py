@@ -200,18 +200,6 @@ def test_split_repo_spec():
         split_repo_spec("me/x@")
 
 
-def test_provenance_reader_refuses_foreign_files():
-    from adapterhub_local.errors import AdapterHubError
-    from adapterhub_local.hub.provenance import parse_provenance
-
-    with pytest.raises(AdapterHubError, match="not valid JSON"):
-        parse_provenance(b"{nope")
-    with pytest.raises(AdapterHubError, match="not an adapterhub-local provenance"):
-        parse_provenance(b'{"format": "other"}')
-    with pytest.raises(AdapterHubError, match="newer adapterhub-local"):
-        parse_provenance(b'{"format": "adapterhub-local/provenance", "format_version": 99}')
-
-
 def test_help_teaches():
     for verb in ("push", "pull"):
         out = CliRunner().invoke(cli, [verb, "--help"]).output

@@ -42,7 +42,7 @@ def test_extract_recovers_the_adapter_exactly(llama_dir, tuned, tmp_path):
         torch.testing.assert_close(got.modules[name].delta().double(), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(peft_logits(llama_dir, out), logits(tuned_dir), rtol=1e-4, atol=1e-4)
     prov = json.loads((out / "adapterhub.json").read_text())
-    assert prov["base_fingerprint"] == fingerprint_model(llama_dir).fingerprint
+    assert prov["base"]["fingerprint"] == fingerprint_model(llama_dir).fingerprint
 
 
 def test_extract_energy_gives_per_module_ranks(llama_dir, tuned, tmp_path):
@@ -150,7 +150,7 @@ def test_exported_provenance_is_verified_and_merges_are_recorded(llama_dir, tmp_
     reg = open_registry()
     reg.register(a, "alpha", base_dir=llama_dir)
     exported = reg.export("alpha", tmp_path / "exported")
-    assert (exported / "provenance.json").is_file()
+    assert (exported / "adapterhub.json").is_file()
     other = make_llama(tmp_path / "other", seed=7)  # same shapes, different weights
     with pytest.raises(SystemExit) as e:
         main(["merge", str(other), str(exported), "--out", str(tmp_path / "o")])

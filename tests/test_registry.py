@@ -213,8 +213,8 @@ def test_export_loads_in_peft_and_matches(reg, tmp_path, llama_dir):
     a = make_adapter(tmp_path / "a", seed=4, targets=("q_proj", "v_proj"))
     reg.register(a, "s", base_dir=llama_dir, parents=(), metrics={"eval_loss": 1.0})
     out = reg.export("s", tmp_path / "exported")
-    prov = json.loads((out / "provenance.json").read_text())
-    assert prov["registry"]["ref"] == "s@1" and prov["base_fingerprint"].startswith("sha256:")
+    prov = json.loads((out / "adapterhub.json").read_text())  # provenance.json up to 0.1
+    assert prov["registry"]["ref"] == "s@1" and prov["base"]["fingerprint"].startswith("sha256:")
     assert prov["files"] == reg.resolve("s").files and "lineage" in prov
     ids = input_ids()
     with torch.no_grad():
@@ -225,7 +225,7 @@ def test_export_loads_in_peft_and_matches(reg, tmp_path, llama_dir):
     with pytest.raises(AdapterHubError):
         reg.export("s", out)
     reg.export("s", out, overwrite=True)
-    # registering an export again: same bytes (provenance.json is not part of the version)
+    # registering an export again: same bytes (adapterhub.json is not part of the version)
     assert reg.register(out, "s").is_new is False
 
 

@@ -85,8 +85,8 @@ def test_alias_log_metric_export_rm_gc_verify(adapters, tmp_path):
     out = run("export", "s@1", tmp_path / "exp")
     assert "exported s@1" in out
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "provenance.json"]
-    assert json.loads((tmp_path / "exp" / "provenance.json").read_text())["registry"]["ref"] == "s@1"
+        "adapter_config.json", "adapter_model.safetensors", "adapterhub.json"]
+    assert json.loads((tmp_path / "exp" / "adapterhub.json").read_text())["registry"]["ref"] == "s@1"
     report = run_json("verify")
     assert report["ok"] and report["versions"] == 2
     assert "ok: 2 version(s)" in run("verify")

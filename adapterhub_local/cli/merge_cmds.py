@@ -34,10 +34,10 @@ def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> N
     params = dict(recipe.get("parameters") or {})
     params.setdefault("via", recipe.get("via"))
     if adapter:
-        from ..merge.algebra import read_provenance
+        from .. import provenance
 
-        prov = read_provenance(out)
-        rec = reg.register(out, name, base_fingerprint=prov.get("base_fingerprint"), parents=parents,
+        rec = reg.register(out, name, base_fingerprint=provenance.base_fingerprint(provenance.read(out)),
+                           parents=parents,
                            provenance={"recipe": recipe}, note=f"{recipe.get('operation')}: {recipe.get('method')}",
                            tags={"merge": str(recipe.get("method"))})
         merge_id = reg.record_merge(inputs=[i.record or str(i.folder) for i in inputs],

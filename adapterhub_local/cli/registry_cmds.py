@@ -261,8 +261,9 @@ def log_metric(ctx, ref, pairs, step, split, as_json):
 @json_option
 @click.pass_context
 def export(ctx, ref, out_dir, overwrite, as_json):
-    """Write a version as a plain PEFT folder (PEFT loads it), plus provenance.json
-    (registry name, version, base fingerprint, lineage). Every blob is re-hashed on the way.
+    """Write a version as a plain PEFT folder (PEFT loads it), plus adapterhub.json
+    (registry name, version, base fingerprint, lineage, metrics; see docs/hub.md). Every
+    blob is re-hashed on the way.
 
     \b
     Example:
@@ -272,7 +273,7 @@ def export(ctx, ref, out_dir, overwrite, as_json):
     rec = reg.resolve(ref)
     out = reg.export(rec, out_dir, overwrite=overwrite)
     if as_json:
-        emit_json({"ref": rec.ref, "path": str(out), "files": sorted(rec.files) + ["provenance.json"]})
+        emit_json({"ref": rec.ref, "path": str(out), "files": sorted({*rec.files, "adapterhub.json"})})
         return
     echo(f"exported {rec.ref} to {out}")
 

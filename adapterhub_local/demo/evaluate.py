@@ -218,13 +218,9 @@ class Target:
 
 
 def _provenance_fingerprint(folder: Path) -> str | None:
-    prov = folder / "adapterhub.json"
-    if prov.is_file():
-        try:
-            return json.loads(prov.read_text(encoding="utf-8")).get("base_fingerprint")
-        except ValueError:
-            return None
-    return None
+    from .. import provenance
+
+    return provenance.base_fingerprint(provenance.read(folder))
 
 
 def _registered_base(fingerprint: str, registry_home=None) -> Path | None:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError, AdapterNotFound, BaseMismatch, InvalidAdapter, ShapeMismatch
+from ..provenance import NAME as PROVENANCE_NAME
+from ..provenance import read as read_provenance
 from .common import check_online, client, endpoint, resolve_token, split_repo_spec
 from .errors import HubError, NotALoraRepo, hub_errors
-from .provenance import PROVENANCE_NAME, parse_provenance
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -163,11 +164,8 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
 
         result_warnings: list[str] = []
         prov = None
-        if (dl / PROVENANCE_NAME).is_file():
-            try:
-                prov = parse_provenance((dl / PROVENANCE_NAME).read_bytes(), f"{repo_id}/{PROVENANCE_NAME}")
-            except AdapterHubError as e:
-                result_warnings.append(f"ignored {PROVENANCE_NAME}: {e}")
+        if (dl / PROVENANCE_NAME).is_file():  # a file we cannot accept stops the pull, in one line
+            prov = read_provenance(dl / PROVENANCE_NAME, where=f"{repo_id}@{commit[:12]}/{PROVENANCE_NAME}")
         if prov is not None:
             for fname, digest in (prov.get("files") or {}).items():
                 if fname in hashes and hashes[fname] != digest:

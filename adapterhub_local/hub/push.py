@@ -17,11 +17,18 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import provenance
 from ..errors import AdapterHubError
 from .common import check_online, client, endpoint, resolve_token, validate_repo_id
 from .errors import HubError, NoToken, hub_errors
-from .provenance import PROVENANCE_NAME, build_provenance, dumps
-from .source import Source, hub_id_or_none, payload_files, recipe_inputs, resolve_source
+from .source import (
+    Source,
+    hub_id_or_none,
+    payload_files,
+    recipe_inputs,
+    resolve_source,
+    source_provenance,
+)
 
 
 @dataclass
@@ -99,13 +106,13 @@ def stage(src: Source, out: Path, repo_id: str, *, template=None, base_models: l
     from .card import build_card
 
     base_models = base_models if base_models is not None else base_models_for(src)
-    prov = build_provenance(src, base_hub_id=base_models[0] if base_models else None)
+    prov = source_provenance(src, base_hub_id=base_models[0] if base_models else None)
     card = build_card(src, prov, repo_id, base_models, template=template)
     with atomic_dir(out) as tmp:
         for path in payload_files(src.folder, recursive=not src.is_adapter):
             _link_or_copy(path, tmp / path.relative_to(src.folder), copy)
         (tmp / "README.md").write_text(str(card), encoding="utf-8")
-        (tmp / PROVENANCE_NAME).write_text(dumps(prov), encoding="utf-8")
+        (tmp / provenance.NAME).write_text(provenance.dumps(prov), encoding="utf-8")
     files = []
     for path in sorted(out.rglob("*")):
         if path.is_file():

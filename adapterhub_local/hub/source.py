@@ -128,27 +128,37 @@ def recipe_base(recipe: dict | None) -> tuple[str | None, str | None]:
 
 
 def folder_provenance(folder: Path) -> dict:
-    """What a folder says about itself: an adapterhub.json (ours, or the one `adapters merge`
-    writes) or a registry export's provenance.json, as {"base_fingerprint", "parents"}."""
-    for name in ("adapterhub.json", "provenance.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        if not isinstance(data, dict):
-            continue
-        fp = data.get("base_fingerprint")
-        if not fp and isinstance(data.get("base"), dict):
-            fp = data["base"].get("fingerprint")
-        parents = data.get("parents")
-        if parents is None and isinstance(data.get("lineage"), dict):
-            parents = data["lineage"].get("parents")
-        return {"base_fingerprint": fp if isinstance(fp, str) else None,
-                "parents": [str(p) for p in parents] if isinstance(parents, list) else []}
-    return {}
+    """What a folder says about itself (its adapterhub.json, or an old export's provenance.json,
+    any shape ever written) as {"base_fingerprint", "parents"}; a file we cannot accept is an error."""
+    from .. import provenance
+
+    prov = provenance.read(folder)
+    if prov is None:
+        return {}
+    return {"base_fingerprint": provenance.base_fingerprint(prov), "parents": list(prov["lineage"]["parents"])}
+
+
+def source_provenance(src: Source, base_hub_id: str | None = None) -> dict:
+    """The adapterhub.json a push of ``src`` carries (adapterhub_local/provenance.py, format 2)."""
+    from .. import provenance
+
+    record = src.record
+    parents = list(getattr(record, "parents", None) or [])
+    if not parents and src.recipe:
+        parents = [str(i["ref"]) for i in recipe_inputs(src.recipe) if i.get("ref")]
+    if not parents:
+        parents = list(src.local_provenance.get("parents") or [])
+    model = None
+    if not src.is_adapter:
+        model = {"fingerprint": src.model_fingerprint, "architecture": (src.config.get("architectures") or [None])[0],
+                 "model_type": src.config.get("model_type")}
+    return provenance.build(
+        "adapter" if src.is_adapter else "merged_model", "push", base_fingerprint=src.base_fingerprint,
+        base_name=src.base_name, base_hub_id=base_hub_id, record=record, parents=parents,
+        children=getattr(record, "children", None) or [], inputs=recipe_inputs(src.recipe), recipe=src.recipe,
+        method=(src.recipe or {}).get("method") if isinstance((src.recipe or {}).get("method"), str) else None,
+        metrics=getattr(record, "metrics", None) or {}, files=src.files,
+        adapter=provenance.adapter_fields(src.adapter_summary) if src.is_adapter else None, model=model)
 
 
 def recipe_inputs(recipe: dict | None) -> list[dict]:

@@ -15,18 +15,17 @@ The union of targets is used; a module an adapter lacks contributes zero.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import provenance
 from ..errors import AdapterHubError, ShapeMismatch
 from ..lora import LoraModule, as_numpy, factored_sq_norm, stack_factors
 from ..peft_format import LoraAdapter, lora_config, save_adapter
-from .inputs import PROVENANCE_NAME, MergeInput
+from .inputs import MergeInput
 from .methods import get_method, module_generator
 from .report import MergeReport, rel_error, stderr_notify
 
@@ -237,12 +236,12 @@ def merge_adapters(inputs: list[MergeInput], out, method: str = "cat", rank: int
         params["t"] = extra_params["t"]
     recipe = algebra_recipe(inputs, method=method, via=report.summary["via"], params=params)
     fps = sorted({i.base_fingerprint for i in inputs if i.base_fingerprint and i.weight != 0})
-    provenance = {"base_fingerprint": fps[0] if len(fps) == 1 else None,
-                  "created_by": recipe["tool"], "parents": [i.ref for i in inputs],
-                  "method": method, "via": report.summary["via"]}
+    prov = provenance.build("adapter", "merge", base_fingerprint=fps[0] if len(fps) == 1 else None,
+                            base_name=adapter.base_model, method=method, parents=[i.ref for i in inputs],
+                            inputs=recipe["inputs"], recipe=recipe, extra={"via": report.summary["via"]})
     save_adapter(adapter, out, overwrite=overwrite, extra_files={
         "recipe.yaml": dump_recipe(recipe),
-        PROVENANCE_NAME: json.dumps(provenance, indent=2, sort_keys=True) + "\n",
+        provenance.NAME: provenance.dumps(prov),
         "README.md": adapter_card(adapter.base_model, recipe, report.summary, report.warnings),
     })
     report.output = str(out)
@@ -263,8 +262,3 @@ def interpolate(a: MergeInput, b: MergeInput, t: float, out, rank: int | None = 
 def stack(inputs: list[MergeInput], out, **kw) -> MergeReport:
     """The exact sum of the deltas (cat, weights 1 unless set)."""
     return merge_adapters(inputs, out, method="cat", operation="stack", **kw)
-
-
-def read_provenance(folder) -> dict:
-    path = Path(folder) / PROVENANCE_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}

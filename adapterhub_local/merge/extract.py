@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .. import provenance
 from ..errors import AdapterHubError, BaseMismatch
 from ..lora import LoraModule
 from ..peft_format import LoraAdapter, lora_config, save_adapter
-from .inputs import PROVENANCE_NAME
 from .io import FLOAT_ST, Reader, scan_model
 from .report import MergeReport, rel_error, stderr_notify
 
@@ -171,11 +171,11 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
                "rel_error": rel_error(tot_sq, tot_err), "energy_kept": max(0.0, 1 - tot_err / tot_sq),
                "exact": tot_err <= 1e-10 * tot_sq, "not_captured": missed,
                "trainable_parameters": adapter.num_parameters()}
-    provenance = {"base_fingerprint": base_fp, "created_by": recipe["tool"], "method": "extract",
-                  "tuned_fingerprint": tuned_fp}
+    prov = provenance.build("adapter", "extract", base_fingerprint=base_fp, base_name=cfg["base_model_name_or_path"],
+                            method="extract", recipe=recipe, extra={"tuned_fingerprint": tuned_fp})
     save_adapter(adapter, out, overwrite=overwrite, extra_files={
         "recipe.yaml": dump_recipe(recipe),
-        PROVENANCE_NAME: json.dumps(provenance, indent=2, sort_keys=True) + "\n",
+        provenance.NAME: provenance.dumps(prov),
         "README.md": adapter_card(cfg["base_model_name_or_path"], recipe, summary, report.warnings),
     })
     report.modules = rows

@@ -4,23 +4,21 @@ Each input remembers how the user named it (a registry reference such as
 ``support@3`` or a path), the content hashes of its two files (so a recipe can
 prove it replays the same bytes), its weight, and the base-model fingerprint
 it expects: a registry version's ``base_fingerprint``, else the
-``adapterhub.json`` provenance file of an exported folder, else unknown.
+``adapterhub.json`` provenance file of an exported folder (adapterhub_local/provenance.py),
+else unknown.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AdapterHubError, InvalidAdapter
+from ..errors import AdapterHubError
 from ..fingerprint import file_sha256
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, load_adapter
-
-PROVENANCE_NAME = "adapterhub.json"
 
 
 @dataclass
@@ -95,26 +93,11 @@ def _file_hashes_later(folder: Path) -> Future:
 
 
 def provenance_fingerprint(folder: Path) -> str | None:
-    """The base fingerprint an exported folder records: adapterhub.json (ours and the Hub's,
-    top-level ``base_fingerprint`` or ``base.fingerprint``), else the registry export's
-    provenance.json."""
-    for name in (PROVENANCE_NAME, "provenance.json"):
-        path = Path(folder) / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise InvalidAdapter(path, "not valid JSON") from None
-        if not isinstance(data, dict):
-            continue
-        fp = data.get("base_fingerprint")
-        if not fp and isinstance(data.get("base"), dict):
-            fp = data["base"].get("fingerprint")
-        if fp:
-            fp = str(fp)
-            return fp if fp.startswith("sha256:") else f"sha256:{fp}"
-    return None
+    """The base fingerprint the folder's provenance file records (any shape ever written:
+    see adapterhub_local/provenance.py); a file we cannot accept is an error, not ignored."""
+    from .. import provenance
+
+    return provenance.base_fingerprint(provenance.read(folder))
 
 
 def resolve_input(ref: str, weight: float = 1.0, registry_home=None) -> MergeInput:
