@@ -6,6 +6,16 @@ import os
 import sys
 
 
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def enabled() -> bool:
     if os.environ.get("ADAPTERS_PROGRESS") == "1":
         return True

@@ -70,6 +70,9 @@ def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message,
     res = do_push(ref_or_dir, repo_id, private=private, revision=revision, create_pr=create_pr,
                   commit_message=commit_message, token=token, dry_run=dry_run, dry_run_dir=dry_run_dir,
                   card_template=card, base_model=base_model, registry_home=ctx.obj.registry_home)
+    if not res.base_models and res.base_name:
+        hint(f"the base {res.base_name} is not a Hub id: the card gets no base_model/base_model_relation and the "
+             "Hub will not link it to its base (give --base-model ORG/NAME)")
     if as_json:
         emit_json(res.to_dict())
         return

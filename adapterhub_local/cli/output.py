@@ -14,6 +14,8 @@ import re
 
 import click
 
+from ..progress import human_bytes  # noqa: F401 - lives below cli, for card.py
+
 # C0 (tab and newline handled separately), DEL, C1, and the Unicode controls that reorder or
 # break lines: bidi embeddings/overrides/isolates and marks, line and paragraph separators.
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
@@ -65,16 +67,6 @@ def fmt(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(fmt(v) for v in value)
     return safe_text(value)
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def table(rows: list[dict] | list[list], headers: list[str] | None = None) -> str:

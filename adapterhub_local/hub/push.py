@@ -55,6 +55,7 @@ class PushResult:
     unchanged: bool = False
     registry_ref: str | None = None
     base_models: list[str] = field(default_factory=list)
+    base_name: str | None = None  # the base as the source records it (a Hub id, or a local path)
 
     @property
     def total_bytes(self) -> int:
@@ -101,13 +102,13 @@ def base_models_for(src: Source, explicit: list[str] | tuple[str, ...] = ()) -> 
 def stage(src: Source, out: Path, repo_id: str, *, template=None, base_models: list[str] | None = None,
           copy: bool = True) -> list[StagedFile]:
     """Write the exact folder a push uploads into ``out`` (which must not exist yet)."""
+    from ..card import push_card
     from ..fingerprint import file_sha256
     from ..fsutil import atomic_dir
-    from .card import build_card
 
     base_models = base_models if base_models is not None else base_models_for(src)
     prov = source_provenance(src, base_hub_id=base_models[0] if base_models else None)
-    card = build_card(src, prov, repo_id, base_models, template=template)
+    card = push_card(src, prov, repo_id, base_models, template=template)
     with atomic_dir(out) as tmp:
         for path in payload_files(src.folder, recursive=not src.is_adapter):
             _link_or_copy(path, tmp / path.relative_to(src.folder), copy)
@@ -154,7 +155,7 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
     bases = base_models_for(src, base_model)
     record = src.record
     result = PushResult(repo_id=repo_id, endpoint=ep, kind=src.kind, dry_run=dry_run, private=private,
-                        revision=revision or "main", base_models=bases,
+                        revision=revision or "main", base_models=bases, base_name=src.base_name,
                         registry_ref=getattr(record, "ref", None) if record is not None else None)
 
     if dry_run:

@@ -226,7 +226,7 @@ def merge_adapters(inputs: list[MergeInput], out, method: str = "cat", rank: int
                    notify=stderr_notify) -> MergeReport:
     """Combine ``inputs`` with ``method`` and write a PEFT folder (plus recipe.yaml, README.md,
     adapterhub.json) at ``out``, atomically."""
-    from .card import adapter_card
+    from ..card import merge_adapter_card
     from .recipe import algebra_recipe, dump_recipe
 
     adapter, report = combine(inputs, method, rank, density, seed, force=force, notify=notify)
@@ -239,10 +239,13 @@ def merge_adapters(inputs: list[MergeInput], out, method: str = "cat", rank: int
     prov = provenance.build("adapter", "merge", base_fingerprint=fps[0] if len(fps) == 1 else None,
                             base_name=adapter.base_model, method=method, parents=[i.ref for i in inputs],
                             inputs=recipe["inputs"], recipe=recipe, extra={"via": report.summary["via"]})
+    recipe_text = dump_recipe(recipe)
     save_adapter(adapter, out, overwrite=overwrite, extra_files={
-        "recipe.yaml": dump_recipe(recipe),
+        "recipe.yaml": recipe_text,
         provenance.NAME: provenance.dumps(prov),
-        "README.md": adapter_card(adapter.base_model, recipe, report.summary, report.warnings),
+        "README.md": merge_adapter_card(base_model=adapter.base_model, base_fingerprint=provenance.base_fingerprint(prov),
+                                        recipe=recipe, recipe_text=recipe_text, summary=report.summary,
+                                        warnings=report.warnings),
     })
     report.output = str(out)
     report.recipe = recipe

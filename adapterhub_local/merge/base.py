@@ -72,7 +72,7 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     ``recipe`` (from :func:`adapterhub_local.merge.recipe.merge_recipe`) is written as
     recipe.yaml and into the model card; build it with that function for replayable output.
     """
-    from .card import merged_model_card
+    from ..card import merged_model_card
     from .recipe import dump_recipe, merge_recipe
 
     base_dir = Path(base_dir)
@@ -219,9 +219,10 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
                 recipe = merge_recipe(base_dir, inputs, dtype=dtype, max_shard_size=max_shard_size,
                                       force=force, base_fingerprint=found)
             report.recipe = recipe
-            (tmp / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            recipe_text = dump_recipe(recipe)
+            (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
             (tmp / "README.md").write_text(
-                merged_model_card(config, base_dir, inputs, recipe, report.warnings, found), encoding="utf-8")
+                merged_model_card(config, base_dir, inputs, recipe_text, report.warnings, found), encoding="utf-8")
         failed = False
     except OSError as e:  # disk full, permissions: the temp dir is gone, say why in one line
         if e.filename and str(e.filename).startswith(str(base_dir)):

@@ -63,9 +63,9 @@ def _svd(d: torch.Tensor, k_max: int, seed: int):
 def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: float | None = None,
                  seed: int = 0, overwrite: bool = False, progress: bool = True, expect: dict | None = None,
                  notify=stderr_notify) -> MergeReport:
+    from ..card import merge_adapter_card
     from ..fingerprint import fingerprint_model
     from ..progress import bar
-    from .card import adapter_card
     from .recipe import dump_recipe, extract_recipe
 
     if rank is None or int(rank) <= 0:
@@ -173,10 +173,13 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
                "trainable_parameters": adapter.num_parameters()}
     prov = provenance.build("adapter", "extract", base_fingerprint=base_fp, base_name=cfg["base_model_name_or_path"],
                             method="extract", recipe=recipe, extra={"tuned_fingerprint": tuned_fp})
+    recipe_text = dump_recipe(recipe)
     save_adapter(adapter, out, overwrite=overwrite, extra_files={
-        "recipe.yaml": dump_recipe(recipe),
+        "recipe.yaml": recipe_text,
         provenance.NAME: provenance.dumps(prov),
-        "README.md": adapter_card(cfg["base_model_name_or_path"], recipe, summary, report.warnings),
+        "README.md": merge_adapter_card(base_model=cfg["base_model_name_or_path"], base_fingerprint=base_fp,
+                                        recipe=recipe, recipe_text=recipe_text, summary=summary,
+                                        warnings=report.warnings),
     })
     report.modules = rows
     report.summary = summary
