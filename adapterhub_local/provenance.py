@@ -450,6 +450,15 @@ def record_fields(record) -> dict | None:
     return {k: v for k, v in out.items() if v not in (None, [], {})}
 
 
+def record_provenance(record) -> dict | None:
+    """A registry version's own provenance (trainer config, merge recipe, pull source) for
+    ``extra.record_provenance``, minus the provenance files it embeds (``adapterhub``,
+    ``exported``): those are described by the other fields, and re-embedding them on every
+    export/register or pull/push round would nest deeper each time."""
+    rp = {k: v for k, v in (getattr(record, "provenance", None) or {}).items() if k not in ("adapterhub", "exported")}
+    return rp or None
+
+
 def _source_from_record_provenance(rp: dict) -> dict | None:
     if not isinstance(rp, dict) or rp.get("source") != "hub":
         return None
@@ -458,8 +467,11 @@ def _source_from_record_provenance(rp: dict) -> dict | None:
 
 
 def source_of(record) -> dict | None:
-    """Where a registry version was pulled from (its provenance says so), else None."""
-    return _source_from_record_provenance(getattr(record, "provenance", None) or {})
+    """Where a registry version was pulled from (its provenance says so, or the export it was
+    registered from does), else None."""
+    rp = getattr(record, "provenance", None) or {}
+    exported = rp.get("exported") if isinstance(rp.get("exported"), dict) else {}
+    return _source_from_record_provenance(rp) or exported.get("source")
 
 
 def build(kind: str, written_by: str, *, base_fingerprint: str | None = None, base_name: str | None = None,
@@ -490,5 +502,5 @@ def adapter_fields(summary: dict | None) -> dict | None:
 
 
 __all__ = ["EXPORT_NAME", "FORMAT", "FORMAT_VERSION", "NAME", "ProvenanceError", "adapter_fields",
-           "base_fingerprint", "build", "dumps", "find", "loads", "read", "record_fields", "source_of",
-           "validate", "write"]
+           "base_fingerprint", "build", "dumps", "find", "loads", "read", "record_fields", "record_provenance",
+           "source_of", "validate", "write"]

@@ -75,7 +75,7 @@ def provenance(self, rec) -> dict:
     extra = {"home": str(self.home), "content_sha256": rec.content_sha256, "exported_at": now(),
              "base_model": ({k: base[k] for k in ("name_or_path", "architecture", "dtype", "num_parameters", "files")}
                             if base else None),
-             "record_provenance": rec.provenance or None}
+             "record_provenance": prov.record_provenance(rec)}
     d = prov.build("adapter", "export", base_fingerprint=rec.base_fingerprint,
                    base_name=(base or {}).get("name_or_path") or rec.base_model, record=rec, parents=rec.parents,
                    children=rec.children, metrics=rec.metrics, files=rec.files,

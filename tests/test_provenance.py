@@ -244,3 +244,24 @@ def test_pull_reads_a_flat_adapterhub_json(hub_env, models, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["base_fingerprint"] == FP
     assert json.loads(res.stdout)["parents_missing"] == ["alpha@1", "beta@1"]
+
+
+def test_record_provenance_travels_without_nesting_the_files_it_came_from(models, tmp_path):
+    from adapterhub_local.registry import open_registry
+
+    reg = open_registry()
+    pulled = provenance.read(FIXTURES / "v1-push-adapter.json")
+    reg.register(models["support"], "s", provenance={"tool": "adapters train", "source": "hub",
+                                                     "repo_id": "them/s", "commit_id": "c" * 40,
+                                                     "adapterhub": pulled})
+    res = CliRunner().invoke(cli, ["push", "s", "me/s", "--dry-run", "--json"], catch_exceptions=False)
+    prov = provenance.read(Path(json.loads(res.stdout)["staged_dir"]))
+    assert prov["source"] == {"repo_id": "them/s", "commit_id": "c" * 40}
+    assert prov["extra"]["record_provenance"] == {"tool": "adapters train", "source": "hub", "repo_id": "them/s",
+                                                  "commit_id": "c" * 40}
+    # export -> register -> export keeps the same depth
+    first = reg.export("s", tmp_path / "e1")
+    reg.register(first, "s2")
+    second = provenance.read(reg.export("s2", tmp_path / "e2"))
+    assert "record_provenance" not in second["extra"]  # s2's own provenance is only the export it came from
+    assert second["source"] == {"repo_id": "them/s", "commit_id": "c" * 40}  # which said where s came from

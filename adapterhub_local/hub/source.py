@@ -158,7 +158,8 @@ def source_provenance(src: Source, base_hub_id: str | None = None) -> dict:
         children=getattr(record, "children", None) or [], inputs=recipe_inputs(src.recipe), recipe=src.recipe,
         method=(src.recipe or {}).get("method") if isinstance((src.recipe or {}).get("method"), str) else None,
         metrics=getattr(record, "metrics", None) or {}, files=src.files,
-        adapter=provenance.adapter_fields(src.adapter_summary) if src.is_adapter else None, model=model)
+        adapter=provenance.adapter_fields(src.adapter_summary) if src.is_adapter else None, model=model,
+        extra={"record_provenance": rp} if (rp := provenance.record_provenance(record)) else None)
 
 
 def recipe_inputs(recipe: dict | None) -> list[dict]:
