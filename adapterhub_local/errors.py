@@ -84,3 +84,13 @@ class UnknownMergeMethod(AdapterHubError):
 
 class RegistryError(AdapterHubError):
     """Problems with the registry database or blob store."""
+
+
+class UnsafeInput(AdapterHubError):
+    """Something inside an input folder that we refuse to follow or open: a symlink
+    (it could point anywhere, e.g. at ~/.ssh), a FIFO, socket or device file."""
+
+    def __init__(self, path, problem: str, hint: str | None = None):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}", hint)

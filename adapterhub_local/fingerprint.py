@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InvalidModel
+from .fsutil import check_folder, open_input
 from .safetensors_io import numel, read_header
 
 FP_PREFIX = "sha256:"
@@ -47,17 +48,26 @@ def combine(digests: dict[str, str]) -> str:
     return FP_PREFIX + h.hexdigest()
 
 
+def _plain_name(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
 def model_files(model_dir: Path) -> list[Path]:
     """The safetensors files that make up a model folder (index-aware)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InvalidModel(model_dir, "not a directory", "give a Hugging Face model folder")
+    check_folder(model_dir, "model folder")  # no symlink or special file: nothing is followed out of it
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise InvalidModel(index, f"bad index file ({e})") from None
+        bad = [f for f in weight_map.values() if not _plain_name(f)]
+        if bad:
+            raise InvalidModel(index, f"shard name {bad[0]!r} is not a file name inside the folder")
         files = sorted({model_dir / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -259,7 +269,7 @@ def fingerprint_model(model_dir: str | Path, use_cache: bool = True, file_hashes
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
+    with open_input(path, buffering=0) as fh:  # never a symlink, FIFO or device
         while chunk := fh.read(READ):
             h.update(chunk)
     return h.hexdigest()

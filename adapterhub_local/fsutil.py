@@ -7,9 +7,11 @@ disks we run on than the same bytes in pieces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +104,123 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -- inputs we did not write: nothing inside them is followed out of them ---------------------
+
+def _special(mode: int) -> str | None:
+    """What a non-regular, non-directory entry is, in words; None for files and folders."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
+def _refuse(path: Path, kind: str, what: str):
+    from .errors import UnsafeInput
+
+    hint = ("replace it with a regular file (cp --dereference), if you trust where it points"
+            if "link" in kind else "remove it from the folder")
+    return UnsafeInput(path, f"{kind} inside the {what}; refused: nothing in an input folder is "
+                             "followed out of it", hint)
+
+
+def regular_files(folder: str | os.PathLike, recursive: bool = False, what: str = "input folder") -> list[Path]:
+    """Every regular file of ``folder`` (sorted; with ``recursive``, also of its subfolders
+    but hidden ones and __pycache__), decided by lstat: a symlink, FIFO, socket or device
+    anywhere in what is listed is refused by name, before any file is opened."""
+    folder = Path(folder)
+    out: list[Path] = []
+    todo = [folder]
+    while todo:
+        current = todo.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as e:
+            from .errors import UnsafeInput
+
+            raise UnsafeInput(current, f"cannot list ({e.strerror or e})") from None
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue  # vanished while listed
+            kind = _special(mode)
+            if kind:
+                raise _refuse(path, kind, what)
+            if stat.S_ISREG(mode):
+                out.append(path)
+            elif recursive and not entry.name.startswith(".") and entry.name != "__pycache__":
+                todo.append(path)
+    return sorted(out)
+
+
+def check_folder(folder: str | os.PathLike, what: str = "input folder") -> None:
+    """Refuse ``folder`` when one of its entries is a symlink or a special file."""
+    regular_files(folder, what=what)
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path`` that is certainly a regular file: a symlink is not
+    followed (O_NOFOLLOW) and a FIFO cannot block the open (O_NONBLOCK, then fstat)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _refuse(path, "a symbolic link", "input folder") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse(path, _special(mode) or "a folder", "input folder")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_input(path: str | os.PathLike, buffering: int = -1):
+    """``open(path, "rb")`` for a file inside an input folder (see :func:`open_regular`)."""
+    return os.fdopen(open_regular(path), "rb", buffering=buffering)
+
+
+# -- outputs: never an input, inside or above one, or a registry -------------------------------
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_output(out: str | os.PathLike, inputs=(), registry_homes=()) -> Path:
+    """Refuse an ``--out`` that is an input, lies inside one, or holds one (or the registry
+    home) below it: `--overwrite` would delete it, and writing into an input changes what
+    was read. Compared on resolved real paths, so a symlink or ``..`` cannot hide it.
+    The default registry home (``$ADAPTERS_HOME`` / XDG) is always protected."""
+    from .errors import AdapterHubError
+    from .paths import registry_home
+
+    o = _real(out)
+    checks = [(p, "input") for p in inputs if p is not None]
+    checks += [(h, "registry home") for h in (*registry_homes, registry_home(None)) if h is not None]
+    for given, what in checks:
+        r = _real(given)
+        if o == r:
+            problem = f"is the {what} {given}"
+        elif r in o.parents:
+            problem = f"is inside the {what} {given}"
+        elif o in r.parents:
+            problem = f"contains the {what} {given}"
+        else:
+            continue
+        raise AdapterHubError(f"--out {out} {problem}; refused (it would be overwritten or changed)",
+                              "choose an output folder outside every input and the registry")
+    return o

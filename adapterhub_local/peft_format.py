@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidAdapter, UnsupportedAdapter
+from .fsutil import check_folder
 from .lora import LoraModule, module_rank_alpha, scaling
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: boo
         raise InvalidAdapter(folder, "no such file or directory")
     if not folder.is_dir():
         raise InvalidAdapter(folder, "not a directory", "give the folder holding adapter_config.json")
+    check_folder(folder, "adapter folder")  # no symlink or special file: nothing is followed out of it
     cfg = _read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RegistryError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, open_input
 
 # 1 MiB reads: hashlib (OpenSSL, SHA-NI where present) runs at memory speed on them,
 # and one reused buffer keeps the allocator out of the loop.
@@ -45,7 +45,7 @@ def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
     buf = bytearray(READ)
     view = memoryview(buf)
     size = 0
-    with open(path, "rb", buffering=0) as fh:
+    with open_input(path, buffering=0) as fh:  # never a symlink, FIFO or device
         while n := fh.readinto(buf):
             h.update(view[:n])
             size += n
@@ -95,9 +95,10 @@ class BlobStore:
         under us otherwise): the copy is verified, not trusted.
         """
         src = Path(src)
-        size = src.stat().st_size
-        if size <= IN_MEMORY:
-            data = src.read_bytes()
+        with open_input(src, buffering=0) as fh:  # never a symlink, FIFO or device
+            size = os.fstat(fh.fileno()).st_size
+            data = fh.readall() if size <= IN_MEMORY else None
+        if data is not None:
             sha = hashlib.sha256(data).hexdigest()
             if expected is not None and sha != expected:
                 raise RegistryError(f"{src}: file changed while it was being registered")
@@ -141,7 +142,7 @@ class BlobStore:
             h = hashlib.sha256()
             buf = bytearray(READ)
             view = memoryview(buf)
-            with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
+            with open_input(src, buffering=0) as fin, open(tmp, "wb") as fout:
                 while n := fin.readinto(buf):
                     h.update(view[:n])
                     fout.write(view[:n])

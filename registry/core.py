@@ -76,6 +76,9 @@ def adapter_files(folder: Path, skipped: list | None = None) -> dict[str, Path]:
     minus training leftovers and the provenance files (adapterhub.json, an old export's
     provenance.json: they describe the version, they are not part of it). Names left out
     are appended to ``skipped``."""
+    from ..fsutil import check_folder
+
+    check_folder(folder, "adapter folder")  # a symlink (README.md -> ~/.ssh/id_rsa) is never stored
     out = {}
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name in PROVENANCE_NAMES:

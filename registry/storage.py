@@ -87,10 +87,11 @@ def provenance(self, rec) -> dict:
 def export(self, ref, out, overwrite: bool = False) -> Path:
     """Write a plain PEFT folder for ``ref`` at ``out`` (atomically), with adapterhub.json."""
     from .. import provenance as prov
-    from ..fsutil import atomic_dir
+    from ..fsutil import atomic_dir, check_output
 
     rec = self.resolve(ref)
     out = Path(out).expanduser()
+    check_output(out, registry_homes=[self.home])
     if out.exists() and not overwrite:
         raise RegistryError(f"{out}: already exists", "choose another folder, or pass --overwrite")
     with atomic_dir(out, overwrite=overwrite) as tmp:

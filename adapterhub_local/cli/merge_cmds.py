@@ -9,6 +9,16 @@ from .output import emit_json, fmt, hint, human_bytes, json_option, table
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 
 
+def _check_out(app, out, paths=()) -> None:
+    """Refuse --out early (before any input is read) when it is, holds or lies inside an input
+    folder given on the line or the registry home; the library checks again with every input."""
+    import os
+
+    from ..fsutil import check_output
+
+    check_output(out, [p for p in paths if os.path.isdir(p)], [app.registry_home])
+
+
 def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> None:
     """Record the merge (and, for adapters, the new version with its parents) in the registry.
 
@@ -144,6 +154,7 @@ def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, 
     from ..merge.inputs import parse_weights, resolve_inputs
 
     home = app.registry_home
+    _check_out(app, out, args)
     if recipe_path:
         if len(args) > 1:
             raise click.UsageError("--recipe replays a recipe: give no REF with it (one BASE_DIR at most, "
@@ -219,6 +230,7 @@ def interpolate(app, a, b, t, out, rank, register_name, force, overwrite, as_jso
     from ..merge.algebra import interpolate as run
     from ..merge.inputs import resolve_inputs
 
+    _check_out(app, out, [a, b])
     inputs = resolve_inputs([a, b], None, app.registry_home)
     report = run(inputs[0], inputs[1], t, out, rank=rank, overwrite=overwrite, force=force)
     _register(app, report, out, register_name, inputs, adapter=True)
@@ -245,6 +257,7 @@ def stack(app, refs, out, weights, register_name, force, overwrite, as_json):
     from ..merge.algebra import stack as run
     from ..merge.inputs import parse_weights, resolve_inputs
 
+    _check_out(app, out, refs)
     inputs = resolve_inputs(refs, parse_weights(weights, len(refs)), app.registry_home)
     report = run(inputs, out, overwrite=overwrite, force=force)
     _register(app, report, out, register_name, inputs, adapter=True)
@@ -276,6 +289,7 @@ def extract(app, base_dir, tuned_dir, rank, energy, out, seed, register_name, ov
     """
     from ..merge.extract import extract_lora
 
+    _check_out(app, out, [base_dir, tuned_dir])
     report = extract_lora(base_dir, tuned_dir, out, rank=rank, energy=energy, seed=seed,
                           overwrite=overwrite, progress=not as_json)
     _register(app, report, out, register_name, [], adapter=True)

@@ -8,7 +8,6 @@ per-file sha256 and the base model's identity.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,15 +54,11 @@ def _skip(name: str) -> bool:
 def payload_files(folder: Path, recursive: bool = True) -> list[Path]:
     """The files of ``folder`` a push uploads, in a stable order. Adapters are their
     top-level files (checkpoint-*/ subfolders are training state); model folders may nest."""
-    if not recursive:
-        return [p for p in sorted(folder.iterdir()) if p.is_file() and not _skip(p.name)]
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(SKIP_PREFIXES) and d != "__pycache__")
-        for name in sorted(files):
-            if not _skip(name) and Path(root, name).relative_to(folder).as_posix() not in SKIP_NAMES:
-                out.append(Path(root, name))
-    return out
+    from ..fsutil import regular_files
+
+    # lstat-based: a symlink, FIFO or device anywhere in what a push would read is refused by name
+    files = regular_files(folder, recursive=recursive, what="folder to push")
+    return [p for p in files if not _skip(p.name) and p.relative_to(folder).as_posix() not in SKIP_NAMES]
 
 
 def _hash_files(folder: Path, known: dict[str, str] | None = None,

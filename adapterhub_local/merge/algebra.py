@@ -23,6 +23,7 @@ import torch
 
 from .. import provenance
 from ..errors import AdapterHubError, ShapeMismatch
+from ..fsutil import check_output
 from ..lora import LoraModule, as_numpy, factored_sq_norm, stack_factors
 from ..peft_format import LoraAdapter, lora_config, save_adapter
 from .inputs import MergeInput
@@ -229,6 +230,7 @@ def merge_adapters(inputs: list[MergeInput], out, method: str = "cat", rank: int
     from ..card import merge_adapter_card
     from .recipe import algebra_recipe, dump_recipe
 
+    check_output(out, [i.folder for i in inputs])  # never an input, inside or above one
     adapter, report = combine(inputs, method, rank, density, seed, force=force, notify=notify)
     verb = operation or (extra_params or {}).get("verb") or "merge"
     params = {"verb": verb, "rank": rank, "density": report.summary["density"], "seed": seed}

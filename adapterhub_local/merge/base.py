@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import AdapterHubError, BaseMismatch
 from ..fingerprint import FP_PREFIX, Fingerprint, cached_fingerprint, combine, store_fingerprint
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, check_output
 from ..lora import LoraModule
 from . import stream
 from .inputs import MergeInput
@@ -80,10 +80,9 @@ def merge_into_base(base_dir, inputs: list[MergeInput], out, *, dtype: str | Non
     report = MergeReport(operation="merge", method="linear", output=str(out))
     out_dtype = output_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
+    check_output(out, [base_dir, *(i.folder for i in inputs)])  # never an input, inside or above one
     if out.exists() and not overwrite:
         raise AdapterHubError(f"{out}: already exists", "choose another --out, or --overwrite to replace it")
-    if out.resolve() == base_dir.resolve():
-        raise AdapterHubError(f"{out}: the output cannot be the base model's own folder")
 
     _, infos = scan_model(base_dir)
     config = load_config(base_dir)

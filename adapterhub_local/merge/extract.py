@@ -20,6 +20,7 @@ import torch
 
 from .. import provenance
 from ..errors import AdapterHubError, BaseMismatch
+from ..fsutil import check_output
 from ..lora import LoraModule
 from ..peft_format import LoraAdapter, lora_config, save_adapter
 from .io import FLOAT_ST, Reader, scan_model
@@ -74,6 +75,7 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
     if energy is not None and not 0 < energy <= 1:
         raise AdapterHubError(f"--energy must be in (0, 1], got {energy}")
     base_dir, tuned_dir, out = Path(base_dir), Path(tuned_dir), Path(out)
+    check_output(out, [base_dir, tuned_dir])  # never an input, inside or above one
     if out.exists() and not overwrite:
         raise AdapterHubError(f"{out}: already exists", "choose another --out, or --overwrite to replace it")
     report = MergeReport(operation="extract", method="svd", output=str(out))
