@@ -1,7 +1,14 @@
-"""Crash-safe file output: write to a temp path, fsync, rename.
+"""The filesystem, kept ours.
 
-Writes go out in 256 KiB pieces: one multi-MB write() is ~5x slower on the
-disks we run on than the same bytes in pieces.
+Output: crash-safe writes (temp path, fsync, rename; ``atomic_dir`` for folders), and
+``check_output``: an --out is never an input, inside or above one, or a registry home.
+Writes go out in 256 KiB pieces: one multi-MB write() is ~5x slower on the disks we run
+on than the same bytes in pieces.
+
+Input: ``regular_files`` / ``check_folder`` list a folder by lstat and refuse a symlink,
+FIFO, socket or device inside it by name; ``open_input`` opens with O_NOFOLLOW and
+O_NONBLOCK and checks fstat, so a file is never followed out of its folder and a FIFO
+never blocks. Every command that walks an input folder goes through them.
 """
 
 from __future__ import annotations
