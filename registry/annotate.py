@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import AdapterNotFound
-from .core import check_name, now
+from .common import check_name, now
 from .query import check_metrics
 
 

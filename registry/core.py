@@ -10,85 +10,29 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
-import hashlib
 import os
-import re
 import sqlite3
-from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import provenance as _prov
 from ..errors import AdapterHubError, AdapterNotFound, RegistryError
 from .blobs import BlobCorrupt, BlobStore, sha256_file
+from .common import (  # noqa: F401 - re-exported: callers import them from core
+    DB_NAME,
+    FP_RE,
+    NAME_RE,
+    PROVENANCE_NAME,
+    PROVENANCE_NAMES,
+    REF_RE,
+    SKIP_FILES,
+    SQLITE_MAGIC,
+    adapter_files,
+    check_name,
+    content_hash,
+    normalize_fingerprint,
+    now,
+)
 from .query import build_list_query
 from .records import VersionRecord, loads, record_from_row
-
-DB_NAME = "registry.db"
-PROVENANCE_NAME = _prov.NAME  # what `export` writes; see adapterhub_local/provenance.py
-# provenance files describe a version, they are not part of it (old exports wrote provenance.json)
-PROVENANCE_NAMES = (_prov.NAME, _prov.EXPORT_NAME)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-REF_RE = re.compile(
-    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<version>\d+|latest)|:(?P<alias>[A-Za-z0-9][A-Za-z0-9._-]*))?$"
-)
-FP_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def check_name(name: str, what: str = "adapter name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.isdigit():
-        raise AdapterHubError(
-            f"bad {what} {name!r}",
-            "use letters, digits, '.', '_' and '-' (no '/', '@' or ':'), starting with a letter or digit",
-        )
-    if what == "alias" and name == "latest":
-        raise AdapterHubError("'latest' is reserved: name:latest always means the newest version")
-    return name
-
-
-def normalize_fingerprint(fp: str) -> str:
-    m = FP_RE.match(fp.strip().lower()) if isinstance(fp, str) else None
-    if not m:
-        raise AdapterHubError(f"bad base fingerprint {fp!r}",
-                              "expected sha256:<64 hex digits>, as `adapters fingerprint MODEL_DIR` prints")
-    return "sha256:" + m.group(1)
-
-
-def content_hash(manifest: dict[str, tuple[str, int]]) -> str:
-    h = hashlib.sha256(b"adapterhub-version-v1\n")
-    for name in sorted(manifest):
-        h.update(f"{name}\0{manifest[name][0]}\n".encode())
-    return h.hexdigest()
-
-
-# Training leftovers that sit beside adapters (HF Trainer checkpoints) and pickles we never
-# load: not part of a version. Subfolders (checkpoint-500/, runs/) are not either.
-SKIP_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state.*\.pth|training_args\.bin|"
-                        r"adapter_model\.bin|trainer_state\.json)$")
-
-
-def adapter_files(folder: Path, skipped: list | None = None) -> dict[str, Path]:
-    """Files that make up a version: the folder's regular, non-hidden top-level files,
-    minus training leftovers and the provenance files (adapterhub.json, an old export's
-    provenance.json: they describe the version, they are not part of it). Names left out
-    are appended to ``skipped``."""
-    from ..fsutil import check_folder
-
-    check_folder(folder, "adapter folder")  # a symlink (README.md -> ~/.ssh/id_rsa) is never stored
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name in PROVENANCE_NAMES:
-            continue
-        if not p.is_file() or SKIP_FILES.match(p.name):
-            if skipped is not None:
-                skipped.append(p.name + ("/" if p.is_dir() else ""))
-            continue
-        out[p.name] = p
-    return out
 
 
 class NotRegistered(AdapterNotFound):

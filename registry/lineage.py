@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import AdapterHubError
-from .core import now
+from .common import now
 from .records import VersionRecord, dumps, loads
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidAdapter, ShapeMismatch
 from ..provenance import read as read_provenance
-from .core import (
+from .common import (
     adapter_files,
     check_name,
     content_hash,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import RegistryError
 from .blobs import BlobCorrupt, sha256_file
-from .core import PROVENANCE_NAME, now
+from .common import PROVENANCE_NAME, now
 
 
 def _same_file(a: Path, b: Path) -> bool:
