@@ -113,8 +113,8 @@ def test_missing_verb_is_skipped_with_a_note(tmp_path):
 
 
 def test_plots_without_matplotlib(monkeypatch, tmp_path):
-    from adapterhub_local.demo import plots
-    from adapterhub_local.demo.sweep import SweepResult
+    from adapterhub_local.eval import plots
+    from adapterhub_local.eval.sweep import SweepResult
 
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
     res = SweepResult("a", "b", "base", "da", "db", "da", "db", 2.0, 2.0,
@@ -125,7 +125,7 @@ def test_plots_without_matplotlib(monkeypatch, tmp_path):
 
 
 def test_training_curves_from_a_metrics_log(tmp_path):
-    from adapterhub_local.demo import plots
+    from adapterhub_local.eval import plots
 
     log = tmp_path / "metrics.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in [
@@ -148,7 +148,7 @@ def test_a_crashing_verb_fails_its_step_not_the_story(tmp_path, monkeypatch):
 
     monkeypatch.setitem(cli.commands, "boom", boom)
     lines = []
-    story = Story(workdir=tmp_path, base=tmp_path, sizes=QUICK, out=lines.append)
+    story = Story(workdir=tmp_path, base=tmp_path, sizes=QUICK, out=lines.append, cli=cli)
     story.heading("a step")
     assert story.run(["boom"]) is False
     assert lines[-1].startswith("error: internal error KeyError") and "--debug" in lines[-1]
@@ -185,3 +185,15 @@ def test_base_cache_hit_and_a_concurrent_builder(tmp_path, monkeypatch):
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime
     assert "another run cached the demo base first" in logs[-1]
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging leftovers
+
+
+def test_corpus_is_deterministic_and_domains_differ():
+    from adapterhub_local.demo import corpus
+
+    assert corpus.generate("recipes", 5, seed=7) == corpus.generate("recipes", 5, seed=7)
+    vocab = set(corpus.vocabulary())
+    for domain in ["general", *corpus.DOMAINS]:
+        assert all(set(t.split()) <= vocab for t in corpus.generate(domain, 200, seed=99))
+    words = {d: set(" ".join(corpus.generate(d, 200, 0)).split()) for d in corpus.DOMAINS}
+    assert len(words["arithmetic"] & words["code"]) < 0.5 * len(words["code"])
+    assert corpus.number_words(123) == "one hundred twenty three"

@@ -338,5 +338,13 @@ def collate(rows: list[Item], pad_id: int, device="cpu") -> dict:
     return batch
 
 
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, device="cpu",
+                 rank: int = 0, world: int = 1) -> list[dict]:
+    """This rank's share of an eval set, sorted by length (little padding; a summed loss
+    does not depend on the order), in collated batches of ``batch_size`` rows."""
+    items = sorted(as_items(examples), key=len)[rank::world]
+    return [collate(items[i:i + batch_size], pad_id, device) for i in range(0, len(items), batch_size)]
+
+
 def num_micro_batches(n_items: int, micro: int) -> int:
     return math.ceil(n_items / micro)

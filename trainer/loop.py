@@ -37,7 +37,7 @@ from . import data as data_mod
 from .config import TrainConfig, TrainConfigError
 from .distributed import Dist, setup, teardown, wrap
 from .lora_layers import extract_adapter, inject_lora, load_lora_weights
-from .loss import CausalLMLoss
+from .loss import CausalLMLoss, summed_loss
 from .speed import cast_frozen_matmul_weights, tuned_allocator, use_onednn
 
 
@@ -225,15 +225,7 @@ def require_finite(params: list[torch.Tensor], step: int) -> None:
 
 def evaluate(loss_fn: CausalLMLoss, batches: list[dict], d: Dist, autocast) -> tuple[float, float]:
     """Token-weighted mean loss over the eval set (all ranks), and its perplexity."""
-    was = loss_fn.training
-    loss_fn.eval()
-    total = count = 0.0
-    with torch.no_grad(), autocast():
-        for b in batches:
-            total += float(loss_fn(b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"]))
-            count += b["n_loss"]
-    loss_fn.train(was)
-    total, count = d.sum([total, count])
+    total, count = d.sum(list(summed_loss(loss_fn, batches, autocast)))
     loss = total / max(count, 1.0)
     return loss, math.exp(min(loss, 50.0))
 
@@ -336,11 +328,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
     warm = warmup_steps(cfg, total)
-    eval_items = data_mod.as_items(eval_ex)
-    eval_items.sort(key=len)  # little padding; order does not change a summed loss
-    eval_mine = eval_items[d.rank::d.world]
-    eval_batches = [data_mod.collate(eval_mine[i:i + cfg.batch_size], pad_id, device)
-                    for i in range(0, len(eval_mine), cfg.batch_size)]
+    eval_items = eval_ex
+    eval_batches = data_mod.eval_batches(eval_ex, cfg.batch_size, pad_id, device, d.rank, d.world)
 
     if d.is_main:  # all input is valid: now the output folder may appear
         _make_out(cfg, out, resume["path"] if resume else None)

@@ -11,6 +11,9 @@ scales, a LoRA on lm_head) take the ordinary path through ``model(...).logits``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import nn
 
@@ -160,3 +163,24 @@ class CausalLMLoss(nn.Module):
         logits = self.model(**kw).logits[:, :-1]
         return nn.functional.cross_entropy(
             logits[keep].float(), targets[keep], reduction="sum")
+
+
+def summed_loss(loss_fn: nn.Module, batches: Iterable[dict], autocast=contextlib.nullcontext,
+                on_batch: Callable[[dict], None] | None = None) -> tuple[float, int]:
+    """(Σ next-token NLL, number of loss tokens) over ``batches``, in eval mode without
+    gradients: the one eval-loss computation, used by the trainer's eval and `adapters eval`.
+    The mean loss is the first over the second, whatever the batching."""
+    was = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad(), autocast():
+            for b in batches:
+                total += float(loss_fn(b["input_ids"], b["labels"], b["attention_mask"],
+                                       b["position_ids"]))
+                count += b["n_loss"]
+                if on_batch is not None:
+                    on_batch(b)
+    finally:
+        loss_fn.train(was)
+    return total, count

@@ -102,8 +102,8 @@ def step_merge(story: Story, refs) -> dict[str, str]:
 
 
 def _eval(story: Story, models: list[str], data: list[Path], evaluator):
-    from ..cli.demo_cmds import eval_table
-    from .evaluate import evaluate_refs
+    from ..eval.evaluate import evaluate_refs
+    from ..eval.tables import eval_cells
 
     story.show_cmd(["eval", *models, "--base", BASE_VAR, *[x for d in data for x in ("--data", str(d))]])
     real = [str(story.base) if m == BASE_VAR else m for m in models]
@@ -111,12 +111,12 @@ def _eval(story: Story, models: list[str], data: list[Path], evaluator):
     for r in rows:
         if r["model"] == str(story.base):
             r["model"] = BASE_VAR
-    story.out(eval_table(rows))
+    story.out(story.table(*eval_cells(rows)))
     return rows
 
 
 def step_eval(story: Story, refs, files) -> list[dict]:
-    from .evaluate import Evaluator
+    from ..eval.evaluate import Evaluator
 
     story.heading("Evaluate everything on every domain (eval loss, nats/token; lower is better)")
     story.note("adapters are applied to the base in memory (W + s·B·A); merged folders load as they are")
@@ -139,7 +139,6 @@ def step_eval(story: Story, refs, files) -> list[dict]:
         diff = max(abs(loss[(refs["merged"], d)] - loss[(refs["stack"], d)]) for d in DOMAINS)
         story.check("merged model equals base + stacked adapters applied in memory", diff <= EVAL_TOL,
                     f"max |Δloss| = {diff:.1e} over {len(DOMAINS)} domains")
-    _check_trainer_eval(story, refs, loss)
     _record_metrics(story, refs, loss)
     return rows
 
@@ -160,25 +159,10 @@ def _record_metrics(story: Story, refs, loss) -> None:
     story.run(["list", "--where", f"{d}_loss<{loss[(BASE_VAR, d)]:.4f}", "--sort", f"{d}_loss"])
 
 
-def _check_trainer_eval(story: Story, refs, loss) -> None:
-    """The trainer's own final eval loss must be the number `adapters eval` computes."""
-    from .plots import read_metrics_log
-
-    diffs = []
-    for d in DOMAINS:
-        evals = [r["eval_loss"] for r in read_metrics_log(Path("runs") / d / "metrics.jsonl")
-                 if isinstance(r.get("eval_loss"), (int, float))]
-        if evals:
-            diffs.append(abs(evals[-1] - loss[(refs[d], d)]))
-    if diffs:
-        story.check("trainer's final eval loss equals `adapters eval`", max(diffs) <= EVAL_TOL,
-                    f"max |Δ| = {max(diffs):.1e}")
-
-
 def step_sweep(story: Story, refs, files, rows) -> None:
-    from ..cli.demo_cmds import sweep_table
-    from .plots import PLOT_HINT, plot_sweep, plot_training
-    from .sweep import sweep
+    from ..eval.plots import PLOT_HINT, plot_sweep, plot_training
+    from ..eval.sweep import sweep
+    from ..eval.tables import sweep_base_line, sweep_cells
 
     a, b = DOMAINS[0], DOMAINS[1]
     story.heading(f"Interpolation sweep {a} -> {b}, and the training curves")
@@ -192,8 +176,8 @@ def step_sweep(story: Story, refs, files, rows) -> None:
     except AdapterHubError as e:
         story._failed(["sweep"], str(e))
         return
-    story.out(f"base: loss {res.label_a} {res.base_loss_a:.4f}, loss {res.label_b} {res.base_loss_b:.4f}")
-    story.out(sweep_table(res))
+    story.out(sweep_base_line(res))
+    story.out(story.table(*sweep_cells(res)))
     story.summary["sweep"] = {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
     written = plot_sweep(res, "plots/sweep.png")
     story.out(f"plot written to {Path('plots/sweep.png').resolve()}" if written else PLOT_HINT)

@@ -2,8 +2,10 @@
 
 Every step runs our own click commands in-process (so the output is the real
 output), except the evaluation table and the sweep, which call the library
-(their numbers are also checked here) and print the equivalent command and
-the table that command prints. A verb another area has not shipped yet is
+(``adapterhub_local.eval``; their numbers are also checked here) and print the
+equivalent command and the table that command prints. The CLI hands the story
+its click group, its context factory and its table renderer (``run_demo(cli=,
+app=, table=)``): the demo never imports the CLI that runs it. A verb another area has not shipped yet is
 skipped with a printed note instead of crashing the story. Numbers, checks
 and timings also go to ``demo-summary.json`` in the work dir.
 """
@@ -55,6 +57,9 @@ class Story:
     base: Path
     sizes: Sizes
     out: object = click.echo
+    cli: click.Group | None = None  # the `adapters` group whose commands the story runs
+    app: object = None  # () -> the click context object those commands expect
+    table: object = None  # (rows, headers) -> str: the CLI's table renderer
     summary: dict = field(default_factory=lambda: {"steps": [], "checks": [], "skipped": [], "failed": []})
     _step: int = 0
     _t0: float = field(default_factory=time.perf_counter)
@@ -80,20 +85,14 @@ class Story:
 
     # --- running our own commands ---------------------------------------------------------
     def available(self, verb: str) -> bool:
-        from ..cli import cli
-
-        return verb in cli.commands
+        return self.cli is not None and verb in self.cli.commands
 
     def has_option(self, verb: str, flag: str) -> bool:
-        from ..cli import cli
-
-        cmd = cli.commands.get(verb)
+        cmd = self.cli.commands.get(verb) if self.cli is not None else None
         return cmd is not None and any(flag in p.opts for p in cmd.params)
 
     def run(self, args: list[str], step_needs: str | None = None) -> bool:
         """Print ``$ adapters ARGS`` and run it in-process; False when it failed or was skipped."""
-        from ..cli import cli
-
         verb = step_needs or args[0]
         if not self.available(verb):
             msg = f"step {self._step} skipped: `adapters {verb}` not available yet"
@@ -103,7 +102,8 @@ class Story:
         self.show_cmd(args)
         real = [str(self.base) if a == BASE_VAR else a for a in args]
         try:
-            cli.main(args=real, prog_name="adapters", standalone_mode=False, obj=_app_context())
+            self.cli.main(args=real, prog_name="adapters", standalone_mode=False,
+                          obj=self.app() if self.app else None)
         except click.exceptions.Exit as e:
             if e.exit_code:
                 return self._failed(args, f"exit {e.exit_code}")
@@ -129,12 +129,6 @@ def _debug() -> bool:
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_root().obj if ctx is not None else None
     return bool(getattr(obj, "debug", False)) or os.environ.get("ADAPTERS_DEBUG") == "1"
-
-
-def _app_context():
-    from ..cli.context import AppContext
-
-    return AppContext(registry_path=None, debug=False)
 
 
 @contextlib.contextmanager
@@ -165,14 +159,17 @@ def prepare_workdir(workdir: str | Path | None) -> Path:
 
 
 def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = False,
-             out=click.echo, steps: int | None = None) -> dict:
+             out=click.echo, steps: int | None = None, cli: click.Group | None = None,
+             app=None, table=None) -> dict:
     """Run the story; returns the summary (also written to WORKDIR/demo-summary.json).
 
-    ``steps`` overrides the training steps per adapter (e.g. fewer on a big --base)."""
+    ``steps`` overrides the training steps per adapter (e.g. fewer on a big --base).
+    ``cli``, ``app`` and ``table``: the `adapters` group the story runs, its context
+    object factory and its table renderer (``adapters demo`` passes its own)."""
     from dataclasses import replace
 
+    from ..eval.targets import is_model_dir
     from . import base as demo_base
-    from .evaluate import is_model_dir
 
     sizes = QUICK if quick else FULL
     if steps is not None:
@@ -201,7 +198,7 @@ def run_demo(workdir=None, base=None, quick: bool = False, rebuild_base: bool = 
             out(f"# {base_info['parameters'] / 1e6:.2f}M parameters; held-out loss "
                 f"{base_info['pretrained_loss']:.3f} vs {base_info['random_init_loss']:.3f} for a random "
                 f"model (ln vocab = {base_info['ln_vocab']:.3f})")
-    story = Story(workdir=wd, base=base_dir, sizes=sizes, out=out)
+    story = Story(workdir=wd, base=base_dir, sizes=sizes, out=out, cli=cli, app=app, table=table)
     story.summary.update({"workdir": str(wd), "base": str(base_dir), "base_info": base_info,
                           "quick": quick, "base_seconds": round(time.perf_counter() - t0, 1)})
     registry = wd / "registry"

@@ -1,4 +1,4 @@
-"""PNG plots for the demo: the interpolation sweep and training curves.
+"""PNG plots: the interpolation sweep (`adapters sweep --plot`) and training curves.
 
 matplotlib is an optional extra (``pip install 'adapterhub-local[plot]'``):
 without it every function returns None and the caller prints a hint; the

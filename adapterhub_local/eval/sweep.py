@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError
-from .evaluate import Evaluator, data_label, resolve_target
+from .evaluate import Evaluator, data_label
+from .targets import resolve_target
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""`adapters eval` / `adapters sweep` and the demo's building blocks, checked against
-independent computations (PEFT's own model, PEFT's merge_and_unload, per-example losses)."""
+"""`adapters eval` / `adapters sweep` (adapterhub_local.eval), checked against independent
+computations (PEFT's own model, PEFT's merge_and_unload, per-example losses)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,22 @@ import math
 
 import pytest
 import torch
+from adapterhub_local.trainer.data import read_jsonl, tokenize
 from click.testing import CliRunner
 from tiny import load_model, make_gpt2, make_llama, make_peft_adapter
 
 from adapterhub_local.cli import cli, main
-from adapterhub_local.demo import corpus
 from adapterhub_local.demo.base import make_tokenizer
-from adapterhub_local.demo.evaluate import (
-    Evaluator,
-    applied,
-    encode,
-    eval_loss,
-    evaluate_refs,
-    read_jsonl,
-)
+from adapterhub_local.eval.apply import applied
+from adapterhub_local.eval.evaluate import Evaluator, eval_loss, evaluate_refs
 from adapterhub_local.peft_format import load_adapter
+
+
+def encode(tokenizer, records, seq_len=512):
+    """(ids, labels) per record, through the trainer's tokenization (the one eval uses)."""
+    lines = [(i, r, "messages" if "messages" in r else "prompt_completion" if "prompt" in r
+              else "text") for i, r in enumerate(records, 1)]
+    return [(e.ids, e.labels) for e in tokenize(lines, tokenizer, seq_len)[0]]
 
 WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = the tiny models' vocab of 64
 
@@ -61,7 +62,7 @@ def _peft_model(base, adapter):
 def _reference_loss(model, tokenizer, path):
     """Per example with the model's own labels= loss, token-weighted: an independent sum."""
     total, count = 0.0, 0
-    for rec in read_jsonl(path):
+    for _, rec, _ in read_jsonl(path):
         ids = tokenizer(rec["text"])["input_ids"] + [tokenizer.eos_token_id]
         x = torch.tensor([ids])
         with torch.no_grad():
@@ -117,7 +118,9 @@ def test_prompt_completion_masks_prompt(world):
     assert ids == [tok.bos_token_id, 5, 6, 7, 8, 9, tok.eos_token_id]
     assert labels == [-100, -100, -100, -100, 8, 9, tok.eos_token_id]
     model = load_model(world["base"])
-    res = eval_loss(model, [(ids, labels)])
+    from adapterhub_local.trainer.data import Example
+
+    res = eval_loss(model, [Example(ids, labels)])
     assert res.tokens == 3
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
@@ -154,7 +157,8 @@ def test_cli_eval_table_and_json(world):
 @pytest.mark.parametrize("args,needle", [
     (["eval", "{nobase}", "--data", "{da}"], "needs a base model"),
     (["eval", "{base}", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
-    (["eval", "{base}", "--data", "{nokey}"], "nokey.jsonl:1: expected a \"text\""),
+    (["eval", "{base}", "--data", "{nokey}"],
+     "nokey.jsonl:1: expected 'text', 'prompt'+'completion' or 'messages' (found: txt)"),
     (["eval", "{root}/missing", "--data", "{da}"], "no such file"),
     (["eval", "{root}", "--data", "{da}"], "neither a model folder"),
     (["eval", "{base}", "--data", "{root}/none.jsonl"], "none.jsonl: no such file"),
@@ -206,16 +210,6 @@ def test_sweep_is_exact_interpolation(world, tmp_path):
     tok = AutoTokenizer.from_pretrained(world["base"])
     assert res["rows"][1]["loss_b"] == pytest.approx(_reference_loss(mid, tok, world["db"]), abs=1e-5)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_corpus_is_deterministic_and_domains_differ():
-    assert corpus.generate("recipes", 5, seed=7) == corpus.generate("recipes", 5, seed=7)
-    vocab = set(corpus.vocabulary())
-    for domain in ["general", *corpus.DOMAINS]:
-        assert all(set(t.split()) <= vocab for t in corpus.generate(domain, 200, seed=99))
-    words = {d: set(" ".join(corpus.generate(d, 200, 0)).split()) for d in corpus.DOMAINS}
-    assert len(words["arithmetic"] & words["code"]) < 0.5 * len(words["code"])
-    assert corpus.number_words(123) == "one hundred twenty three"
 
 
 def test_registry_ref_finds_its_base_and_checks_the_fingerprint(world, tmp_path, capsys):
