@@ -31,12 +31,13 @@ FORMAT_VERSION = 1
 
 def tensor_digest(name: str, dtype: str, shape, data) -> str:
     """Digest of one tensor; ``data`` is its raw bytes (bytes-like)."""
-    h = hashlib.sha256(_tensor_head(name, dtype, shape))
+    h = hashlib.sha256(tensor_head(name, dtype, shape))
     h.update(data)
     return h.hexdigest()
 
 
-def _tensor_head(name: str, dtype: str, shape) -> bytes:
+def tensor_head(name: str, dtype: str, shape) -> bytes:
+    """What a tensor's digest hashes before its bytes (streaming hashers start from it)."""
     return f"{name}\0{dtype}\0{','.join(str(int(s)) for s in shape)}\0".encode()
 
 
@@ -147,7 +148,7 @@ def _hash_file(path: Path, file_hash: bool, progress=None) -> tuple[str | None, 
                     continue
                 lo, hi = max(t.start, pos), min(t.end, cend)
                 if t.name not in hashers:
-                    hashers[t.name] = hashlib.sha256(_tensor_head(t.name, t.dtype, t.shape))
+                    hashers[t.name] = hashlib.sha256(tensor_head(t.name, t.dtype, t.shape))
                 if hi > lo:
                     hashers[t.name].update(view[lo - pos : hi - pos])
                 if t.end <= cend:

@@ -159,7 +159,8 @@ def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, 
         if len(args) > 1:
             raise click.UsageError("--recipe replays a recipe: give no REF with it (one BASE_DIR at most, "
                                    "to replay on a base that moved; its fingerprint must still match)")
-        from ..merge.recipe import load_recipe, replay
+        from ..merge.recipe import load_recipe
+        from ..merge.replay import replay
 
         recipe = load_recipe(recipe_path)
         report = replay(recipe, out, overwrite=overwrite, registry_home=home, progress=not as_json,

@@ -39,10 +39,14 @@ def __getattr__(name):  # keep `import adapterhub_local.merge` cheap: torch load
         from .extract import extract_lora
 
         return extract_lora
-    if name in ("load_recipe", "replay"):
-        from . import recipe
+    if name == "load_recipe":
+        from .recipe import load_recipe
 
-        return getattr(recipe, name)
+        return load_recipe
+    if name == "replay":
+        from .replay import replay
+
+        return replay
     if name == "METHODS":
         from .methods import METHODS
 

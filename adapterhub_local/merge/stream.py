@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import AdapterHubError
-from ..fingerprint import _tensor_head
+from ..fingerprint import tensor_head
 from ..lora import LoraModule
 from .cast import KINDS, TILE, add_cast, lowrank_add_cast, to_f32
 from .io import ITEMSIZE, OutTensor, Reader, numel
@@ -78,7 +78,7 @@ class Hasher:
         if not self.enabled:
             return None
         self.turn = (self.turn + 1) % len(self.pools)
-        return (hashlib.sha256(_tensor_head(info.name, info.dtype, info.shape)), self.pools[self.turn])
+        return (hashlib.sha256(tensor_head(info.name, info.dtype, info.shape)), self.pools[self.turn])
 
     def update(self, h, view):
         return h[1].submit(h[0].update, view) if h is not None else None
