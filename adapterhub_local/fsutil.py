@@ -68,12 +68,20 @@ def atomic_write_json(path: str | os.PathLike, obj, fsync: bool = True) -> None:
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None,
                      fsync: bool = True) -> int:
-    """Serialise ``tensors`` to ``path`` atomically; returns the byte size."""
-    from safetensors.torch import save
+    """Serialise ``tensors`` to ``path`` atomically; returns the byte size. All numpy arrays:
+    written without torch (same bytes as torch would write)."""
+    import numpy as np
 
-    from .lora import as_torch
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save as save_np
 
-    data = save({k: as_torch(v).contiguous() for k, v in tensors.items()}, metadata=metadata)
+        data = save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    else:
+        from safetensors.torch import save
+
+        from .lora import as_torch
+
+        data = save({k: as_torch(v).contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data, fsync=fsync)
     return len(data)
 

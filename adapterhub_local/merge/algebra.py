@@ -2,10 +2,14 @@
 
 * ``cat`` is exact: A = [A₁; …; Aₖ], B = [w₁s₁B₁ … wₖsₖBₖ], rank Σrᵢ.
 * ``linear`` is Σ wᵢ·ΔWᵢ: exact via cat, or via svd when a rank is asked for.
-* ``svd`` truncates the exact sum from its factors (QR of the stacked factors,
-  then an SVD of the small Σr×Σr core): never a dense ΔW, exact at full rank.
+* ``svd`` truncates the exact sum from its factors (R factors of the stacked
+  factors from their Σr×Σr Gram matrices, then an SVD of the small core): never a
+  dense ΔW, exact at full rank.
 * ``ties``, ``dare_*``, ``magnitude_prune`` need the dense ΔWᵢ of one module at a
   time, then a truncated SVD to ``rank``.
+
+Each method is an entry of methods.METHODS whose ``fn`` turns one module's stacked
+inputs into its result; this module groups the inputs, calls it, and writes.
 
 Every output module has scale 1 (lora_alpha = r, per-module rank_pattern and
 alpha_pattern where ranks differ); the report gives per module and overall the
@@ -15,19 +19,20 @@ The union of targets is used; a module an adapter lacks contributes zero.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections import Counter
 
 import numpy as np
-import torch
 
 from .. import provenance
 from ..errors import AdapterHubError, ShapeMismatch
 from ..fsutil import check_output
-from ..lora import LoraModule, as_numpy, factored_sq_norm, stack_factors
+from ..lora import LoraModule, as_numpy
 from ..peft_format import LoraAdapter, lora_config, save_adapter
 from .inputs import MergeInput
-from .methods import get_method, module_generator
+from .methods import Group, Options, get_method
 from .report import MergeReport, rel_error, stderr_notify
 
 
@@ -50,43 +55,10 @@ def _group(inputs: list[MergeInput]) -> dict[str, list[tuple[int, LoraModule, fl
     return dict(sorted(groups.items()))
 
 
-def _cat(mods) -> tuple[torch.Tensor, torch.Tensor]:
-    return stack_factors([(m, w) for _, m, w in mods])
-
-
-def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int):
-    root = s[:k].sqrt()
-    b = (u[:, :k] * root).to(torch.float32).contiguous()
-    a = (root[:, None] * vh[:k]).to(torch.float32).contiguous()
-    return a, b
-
-
-def factored_svd(a: torch.Tensor, b: torch.Tensor, rank: int):
-    """Truncated SVD of b @ a from the factors: (A', B', kept energy, total energy)."""
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    qb, rb = torch.linalg.qr(b64)
-    qa, ra = torch.linalg.qr(a64.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    u, vh = qb @ u, (qa @ vh.T).T
-    k = max(0, min(rank, int(s.numel())))
-    total = float((s**2).sum())
-    kept = float((s[:k] ** 2).sum())
-    a_out, b_out = _split(u, s, vh, k)
-    return a_out, b_out, kept, total
-
-
-def dense_svd(d: torch.Tensor, rank: int):
-    d64 = d.to(torch.float64)
-    u, s, vh = torch.linalg.svd(d64, full_matrices=False)
-    k = max(0, min(rank, int(s.numel())))
-    a_out, b_out = _split(u, s, vh, k)
-    return a_out, b_out, float((s[:k] ** 2).sum()), float((s**2).sum())
-
-
 def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = None,
             density: float | None = None, seed: int = 0, force: bool = False,
             notify=stderr_notify) -> tuple[LoraAdapter, MergeReport]:
-    """The combined adapter in memory, and its report. Nothing is written."""
+    """The combined adapter in memory (float32 numpy factors), and its report. Nothing is written."""
     m = get_method(method)
     report = MergeReport(operation="merge_adapters", method=method)
     live = [inp for inp in inputs if inp.weight != 0]  # weight 0 is a no-op, exactly
@@ -96,65 +68,50 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
         raise AdapterHubError(f"--rank must be positive, got {rank}")
     if density is not None and not 0 < density <= 1:
         raise AdapterHubError(f"--density must be in (0, 1], got {density}")
-    if method == "cat" and rank is not None:
-        raise AdapterHubError("cat is exact at rank Σrᵢ and takes no --rank",
+    if "rank" not in m.params and rank is not None:
+        raise AdapterHubError(f"{method} is exact at rank Σrᵢ and takes no --rank",
                               "use --method svd (or linear) --rank R to compress")
-    via = "cat" if (method == "cat" or (method == "linear" and rank is None)) else "svd"
     if m.dense and density is None:
         density = 0.5
-    if via == "svd" and rank is None:
+    if rank is None and m.default_rank:
         rank = max(max(i.adapter.ranks or [1]) for i in live)
         report.warn(f"--rank not given: using the largest input rank, {rank}", notify)
     _check_bases(live, force, report, notify)
 
-    groups = _group(live)
+    opt = Options(rank=rank, density=density, seed=seed)
     modules: dict[str, LoraModule] = {}
     rows = []
     tot_exact = tot_err = tot_kept = tot_energy = 0.0
-    for name, mods in groups.items():
+    via = "cat"
+    for name, mods, res, norms in _each_module(m, _group(live), opt):
         first = mods[0][1]
-        a_cat, b_cat = _cat(mods)
-        row = {"module": name, "kind": first.kind, "inputs": {live[i].ref: {
-            "rank": mm.rank, "weight": w, "norm": mm.delta_norm()} for i, mm, w in mods}}
-        if via == "cat":
-            a_out, b_out = a_cat, b_cat
-            exact_sq = _frob_sq(a_cat, b_cat)
-            err_sq, kept, energy = 0.0, exact_sq, exact_sq
-        elif not m.dense:
-            a_out, b_out, kept, energy = factored_svd(a_cat, b_cat, rank)
-            exact_sq, err_sq = energy, max(energy - kept, 0.0)
-        else:
-            exact = (b_cat.to(torch.float64) @ a_cat.to(torch.float64))
-            deltas = [mm.delta(orient=False) for _, mm, _ in mods]
-            gens = [module_generator(seed, name, i) for i, _, _ in mods]
-            dense = m.fn(deltas, [w for _, _, w in mods], density, gens)
-            a_out, b_out, kept, energy = dense_svd(dense, rank)
-            approx = b_out.to(torch.float64) @ a_out.to(torch.float64)
-            exact_sq = float((exact**2).sum())
-            err_sq = float(((exact - approx) ** 2).sum())
-            row["method_error"] = rel_error(exact_sq, float(((exact - dense.to(torch.float64)) ** 2).sum()))
-        row.update({"rank": int(a_out.shape[0]), "norm": exact_sq**0.5, "rel_error": rel_error(exact_sq, err_sq),
-                    "energy_kept": (kept / energy) if energy > 0 else 1.0})
-        rows.append(row)
-        tot_exact += exact_sq
-        tot_err += err_sq
-        tot_kept += kept
-        tot_energy += energy
+        via = res.via
+        r = int(res.a.shape[0])
+        rows.append({"module": name, "kind": first.kind,
+                     "inputs": {live[i].ref: {"rank": mm.rank, "weight": w, "norm": norm}
+                                for (i, mm, w), norm in zip(mods, norms)},
+                     **res.extra, "rank": r, "norm": res.exact_sq**0.5,
+                     "rel_error": rel_error(res.exact_sq, res.err_sq),
+                     "energy_kept": (res.kept / res.energy) if res.energy > 0 else 1.0})
+        tot_exact += res.exact_sq
+        tot_err += res.err_sq
+        tot_kept += res.kept
+        tot_energy += res.energy
         bias = None
         if any(mm.bias is not None for _, mm, _ in mods):
-            bias = sum(mm.bias_delta(w) for _, mm, w in mods if mm.bias is not None)
-        r = int(a_out.shape[0])
+            bias = sum(as_numpy(mm.bias, np.float32) * np.float32(mm.scale * w)
+                       for _, mm, w in mods if mm.bias is not None)
         if r == 0:
             continue
-        modules[name] = LoraModule(name=name, A=a_out.contiguous(), B=b_out.contiguous(), scale=1.0,
-                                   kind=first.kind, fan_in_fan_out=first.fan_in_fan_out, bias=bias,
+        modules[name] = LoraModule(name=name, A=np.ascontiguousarray(res.a), B=np.ascontiguousarray(res.b),
+                                   scale=1.0, kind=first.kind, fan_in_fan_out=first.fan_in_fan_out, bias=bias,
                                    r=r, alpha=float(r))
-    extra = _merge_extras(live, groups)
+    extra = _merge_extras(live)
     adapter = LoraAdapter(config=_config(live, modules, extra), modules=modules, extra=extra)
     if adapter.config["lora_bias"]:
         for mod in modules.values():  # PEFT gives every lora_B a bias once lora_bias is on
             if mod.kind == "linear" and mod.bias is None:
-                mod.bias = torch.zeros(mod.B.shape[0], dtype=torch.float32)
+                mod.bias = np.zeros(mod.B.shape[0], dtype=np.float32)
     report.modules = rows
     report.inputs = [{"ref": i.ref, "weight": i.weight, "ranks": i.adapter.ranks,
                       "modules": len(i.adapter.modules), "base_fingerprint": i.base_fingerprint} for i in inputs]
@@ -169,8 +126,33 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
     return adapter, report
 
 
-def _frob_sq(a: torch.Tensor, b: torch.Tensor) -> float:
-    return factored_sq_norm(a, b)
+def _each_module(m, groups: dict, opt: Options):
+    """(name, mods, result, input norms) per module, in name order. The factored methods run
+    on a thread per core with ONE BLAS thread each: their matrices are small (R×R Grams, their
+    eigh and SVD), and waking a BLAS thread pool costs more than they take (eigh of 48×48:
+    0.4 ms on one thread, 30 ms with two on a busy two-core machine)."""
+
+    def one(name: str):
+        g = Group.stack(name, groups[name])
+        res = m.fn(g, opt)
+        return name, g.mods, res, g.input_norms()
+
+    if m.dense:  # torch, its own threads, one big SVD per module
+        yield from map(one, groups)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a venv installed before it was a dependency: same results, slower
+        def threadpool_limits(*_a, **_k):
+            return contextlib.nullcontext()
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max(1, min(n, 8))) as pool:
+        yield from pool.map(one, groups)
 
 
 def _check_bases(inputs: list[MergeInput], force: bool, report: MergeReport, notify) -> None:
@@ -188,9 +170,9 @@ def _check_bases(inputs: list[MergeInput], force: bool, report: MergeReport, not
             report.warn(f"{i.ref}: base unknown: cannot verify it shares a base with the others", notify)
 
 
-def _merge_extras(inputs: list[MergeInput], groups) -> dict[str, torch.Tensor]:
+def _merge_extras(inputs: list[MergeInput]) -> dict:
     """modules_to_save tensors carry over; two different replacements of one tensor are an error."""
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict = {}
     owner: dict[str, str] = {}
     for inp in inputs:
         for key, t in inp.adapter.extra.items():
