@@ -95,6 +95,12 @@ class LoraModule:
     bias: torch.Tensor | None = None  # lora_B.bias, shape (out,)
     r: int | None = None
     alpha: float | None = None
+    # DoRA (use_dora): lora_magnitude_vector, one value per output feature (out,); embedding: (dim,)
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -139,6 +145,7 @@ class LoraModule:
 
     def num_parameters(self) -> int:
         n = math.prod(self.A.shape) + math.prod(self.B.shape)
+        n += math.prod(self.magnitude.shape) if self.magnitude is not None else 0
         return n + (math.prod(self.bias.shape) if self.bias is not None else 0)
 
 

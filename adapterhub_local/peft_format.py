@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 from .errors import InvalidAdapter, UnsupportedAdapter
 from .fsutil import check_folder
 from .lora import LoraModule, module_rank_alpha, scaling
+from .variants import classify_key, refused_fields
 
 if TYPE_CHECKING:
     import torch
@@ -30,12 +30,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-
-# PEFT keys after the adapter name was stripped; an unstripped ".default" is tolerated.
-_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector)(?:\.[A-Za-z0-9_\-]+)??(?:\.(?P<leaf>weight|bias))?$"
-)
 
 PEFT_DEFAULTS: dict = {
     "peft_type": "LORA",
@@ -84,6 +78,11 @@ class LoraAdapter:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None
     dtypes: dict[str, str] = field(default_factory=dict)  # PEFT key -> dtype in the file read
+    notes: list[str] = field(default_factory=list)  # tensors skipped on purpose (variants.IGNORED_TENSORS)
+
+    @property
+    def dora_modules(self) -> list[str]:
+        return [n for n, m in self.modules.items() if m.magnitude is not None]
 
     @property
     def base_model(self) -> str | None:
@@ -124,6 +123,8 @@ class LoraAdapter:
                 out[f"{PREFIX}{name}.lora_B.weight"] = m.B
                 if m.bias is not None:
                     out[f"{PREFIX}{name}.lora_B.bias"] = m.bias
+            if m.magnitude is not None:
+                out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
         for key, t in self.extra.items():
             out[f"{PREFIX}{key}"] = t
         return out
@@ -149,7 +150,17 @@ def _read_config(folder: Path) -> dict:
             raise InvalidAdapter(cfg_path, f"{key} must be a number, got {cfg[key]!r}")
     if cfg.get("r", 8) <= 0:
         raise InvalidAdapter(cfg_path, f"r must be positive, got {cfg.get('r')}")
+    check_variant(cfg, cfg_path)
     return cfg
+
+
+def check_variant(cfg: dict, where) -> None:
+    """Refuse, by field name, a LoRA variant whose math we do not implement (variants.FIELDS)."""
+    refused = refused_fields(cfg)
+    if refused:
+        name, why = refused[0]
+        raise UnsupportedAdapter(where, f"{name}={json.dumps(cfg[name], default=str)[:60]} is not supported: {why}",
+                                 "merge it with PEFT itself (merge_and_unload)")
 
 
 def _is_float(t) -> bool:
@@ -166,7 +177,7 @@ def _all_finite(t) -> bool:
     return bool(np.isfinite(t).all())
 
 
-def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
+def load_adapter(folder: str | Path, allow_dora: bool = True, check_finite: bool = True) -> LoraAdapter:
     """Load and validate a PEFT LoRA folder: factors as float32 numpy arrays, no torch."""
     folder = Path(folder)
     if not folder.exists():
@@ -185,13 +196,6 @@ def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: boo
                 "safe_serialization=True) to write adapter_model.safetensors",
             )
         raise InvalidAdapter(folder, f"no {WEIGHTS_NAME}")
-    if cfg.get("use_dora"):
-        if not allow_dora:
-            raise UnsupportedAdapter(
-                folder / CONFIG_NAME,
-                "DoRA adapter (use_dora=true): its update is not additive, so W + s·B·A would be wrong",
-                "merge it with PEFT's merge_and_unload() until DoRA is supported",
-            )
     from .safetensors_io import read_arrays
 
     tensors, _, infos = read_arrays(weights, InvalidAdapter, float32=True)
@@ -201,24 +205,32 @@ def load_adapter(folder: str | Path, allow_dora: bool = False, check_finite: boo
 
 
 def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
-                     allow_dora: bool = False, check_finite: bool = True) -> LoraAdapter:
+                     allow_dora: bool = True, check_finite: bool = True) -> LoraAdapter:
+    """Classify every tensor (variants.classify_key) and build the modules. ``allow_dora``
+    is kept for old callers: DoRA adapters are always read; commands whose math cannot take
+    them (stack, interpolate, --into-adapter) refuse them by name."""
     where = Path(where)
     wfile = where / WEIGHTS_NAME if where.is_dir() else where
+    check_variant(cfg, where / CONFIG_NAME if where.is_dir() else where)
     parts: dict[str, dict] = {}
     extra: dict = {}
+    notes: list[str] = []
     for key, t in tensors.items():
         short = key.removeprefix(PREFIX)
-        # PEFT saves a targeted embedding's full matrix as "<module>.base_layer.weight"
-        short = short.replace(".base_layer.", ".")
+        kind = classify_key(short)
+        if kind.kind == "refused":
+            raise UnsupportedAdapter(wfile, kind.note, "merge it with PEFT itself (merge_and_unload)")
+        if kind.kind == "ignored":
+            notes.append(kind.note)
+            continue
         if check_finite and _is_float(t) and not _all_finite(t):
             raise InvalidAdapter(wfile, f"tensor {key} has non-finite values (NaN or inf)")
-        m = _KEY.match(short)
-        if not m:
+        if kind.kind == "factor":
+            parts.setdefault(kind.module, {})[kind.part] = t
+        elif kind.kind == "saved_base":  # a targeted embedding's own base layer, as PEFT saves it
+            extra[f"{kind.module}.weight"] = t
+        else:
             extra[short] = t
-            continue
-        leaf = m.group("leaf")
-        part = m.group("part") + (".bias" if leaf == "bias" else "")
-        parts.setdefault(m.group("module"), {})[part] = t
     if not parts and not extra:
         raise InvalidAdapter(wfile, "contains no tensors")
 
@@ -226,8 +238,13 @@ def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
     fifo = bool(cfg.get("fan_in_fan_out", False))
     modules: dict[str, LoraModule] = {}
     for name, p in sorted(parts.items()):
-        if "lora_magnitude_vector" in p and not allow_dora:
-            raise UnsupportedAdapter(wfile, f"{name} has a DoRA magnitude vector; DoRA is not additive")
+        mag = p.get("lora_magnitude_vector")
+        if mag is not None and not cfg.get("use_dora"):
+            raise InvalidAdapter(wfile, f"{name} has a DoRA lora_magnitude_vector but use_dora is not set "
+                                 "in adapter_config.json")
+        if mag is None and cfg.get("use_dora"):
+            raise InvalidAdapter(wfile, f"{name} has no lora_magnitude_vector but use_dora=true "
+                                 "(a DoRA adapter without its magnitudes)")
         if "lora_embedding_A" in p or "lora_embedding_B" in p:
             kind, ka, kb = "embedding", "lora_embedding_A", "lora_embedding_B"
         else:
@@ -250,11 +267,17 @@ def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
         bias = p.get("lora_B.bias")
         if bias is not None and (bias.ndim != 1 or bias.shape[0] != b.shape[0]):
             raise InvalidAdapter(wfile, f"{name}: lora_B.bias has shape {list(bias.shape)}, expected [{b.shape[0]}]")
+        if mag is not None:
+            # one magnitude per output feature: B's rows (Linear), the embedding dim (B's rows too)
+            if mag.ndim != 1 or mag.shape[0] != b.shape[0]:
+                raise InvalidAdapter(wfile, f"{name}: lora_magnitude_vector has shape {list(mag.shape)}, "
+                                     f"expected [{b.shape[0]}]")
         modules[name] = LoraModule(
             name=name, A=a, B=b, scale=scaling(r, alpha, use_rslora), kind=kind,
-            fan_in_fan_out=fifo and kind == "linear", bias=bias, r=r, alpha=alpha,
+            fan_in_fan_out=fifo and kind == "linear", bias=bias, r=r, alpha=alpha, magnitude=mag,
         )
-    return LoraAdapter(config=cfg, modules=modules, extra=extra, path=where if where.is_dir() else None)
+    return LoraAdapter(config=cfg, modules=modules, extra=extra, path=where if where.is_dir() else None,
+                       notes=notes)
 
 
 def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False,
@@ -287,11 +310,17 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
     cfg = adapter.config
     modules = []
     for name, m in adapter.modules.items():
-        modules.append({
+        row = {
             "module": name, "kind": m.kind, "r": m.rank, "alpha": m.alpha, "scaling": m.scale,
             "delta_shape": list(m.delta_shape), "delta_norm": m.delta_norm(),
             "dtype": _dtype_name(adapter, m), "bias": m.bias is not None,
-        })
+        }
+        if m.magnitude is not None:
+            # ‖ΔW‖ above is s·‖B·A‖; the merged DoRA update also rescales W row by row by m/‖W+ΔW‖
+            mag = [float(x) for x in m.magnitude.reshape(-1).tolist()]
+            row["dora"] = {"magnitude_min": min(mag), "magnitude_max": max(mag),
+                           "magnitude_mean": math.fsum(mag) / len(mag), "size": len(mag)}
+        modules.append(row)
     return {
         "path": str(adapter.path) if adapter.path else None,
         "base_model": adapter.base_model,
@@ -311,5 +340,8 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "num_modules": len(adapter.modules),
         "trainable_parameters": adapter.num_parameters(),
         "modules_to_save": sorted(adapter.extra),
+        "use_dora": bool(cfg.get("use_dora")),
+        "dora_modules": len(adapter.dora_modules),
+        "notes": list(adapter.notes),
         "modules": modules,
     }

@@ -411,11 +411,13 @@ def test_write_failure_is_one_line_and_leaves_nothing(llama, adapter, tmp_path, 
     assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)
 
 
-def test_dora_is_refused_with_one_line(llama, tmp_path, capsys):
+def test_dora_merges_and_its_algebra_is_refused_with_one_line(llama, tmp_path, capsys):
+    # DoRA merges into a base now (equal to PEFT: tests/test_variants_dora.py); what is still
+    # refused is adding its update to another adapter's
     ad = make_peft_adapter(llama, tmp_path / "dora", use_dora=True)
     capsys.readouterr()  # building the adapter printed transformers' progress bars
     with pytest.raises(SystemExit) as e:
-        main(["merge", str(llama), str(ad), "--out", str(tmp_path / "o")])
+        main(["stack", str(ad), str(ad), "--out", str(tmp_path / "o")])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DoRA" in err[0] and not (tmp_path / "o").exists()

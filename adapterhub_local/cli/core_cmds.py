@@ -39,12 +39,19 @@ def inspect(adapter_dir: str, modules: bool, as_json: bool) -> None:
         rows.append(("alpha_pattern", summary["alpha_pattern"]))
     if summary["modules_to_save"]:
         rows.append(("modules_to_save", summary["modules_to_save"]))
+    if summary["dora_modules"]:
+        rows.append(("DoRA modules", summary["dora_modules"]))
     click.echo(table([[k, v] for k, v in rows]))
+    for note in summary["notes"]:
+        click.echo(f"note: ignored {note}", err=True)
     if modules:
         click.echo()
         click.echo(table(
-            [{"module": m["module"], "kind": m["kind"], "r": m["r"], "scaling": m["scaling"],
-              "shape": "x".join(map(str, m["delta_shape"])), "norm": m["delta_norm"]}
+            [{"module": m["module"], "kind": m["kind"] + (" (DoRA)" if "dora" in m else ""), "r": m["r"],
+              "scaling": m["scaling"], "shape": "x".join(map(str, m["delta_shape"])), "norm": m["delta_norm"],
+              **({"magnitude min/mean/max": "{magnitude_min:.4g} / {magnitude_mean:.4g} / {magnitude_max:.4g}"
+                  .format(**m["dora"])} if summary["dora_modules"] and "dora" in m else
+                 ({"magnitude min/mean/max": ""} if summary["dora_modules"] else {}))}
              for m in summary["modules"]],
         ))
 

@@ -132,6 +132,9 @@ def merge(app, args, out, weights, dtype, max_shard_size, into_adapter, method, 
     Into a base (streamed shard by shard, float32 math, one cast at the end):
     W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ. The base's fingerprint is checked against each
     adapter's recorded base while streaming; a mismatch aborts (--force overrides).
+    DoRA adapters merge as PEFT merges them, W ← m/‖W₀+ΔW‖·(W+ΔW), one after
+    another in command-line order: with DoRA the ORDER OF THE REFs MATTERS (it gives
+    what PEFT's merge_and_unload gives merging them in that order).
 
     Into an adapter (--into-adapter), in ΔW space: cat is exact (rank Σrᵢ);
     linear is the weighted sum of deltas (exact via cat, or via svd with --rank);

@@ -43,6 +43,13 @@ def applied(model, adapters: list[tuple[object, float]]):
 
     keys: set[str] = set()
     for adapter, _ in adapters:
+        if adapter.dora_modules:  # W + Σ wᵢ·ΔWᵢ would be wrong for DoRA (variants.py)
+            from ..errors import UnsupportedAdapter
+
+            raise UnsupportedAdapter(adapter.path or "adapter", "DoRA adapter: applying it in memory is not "
+                                     "supported (its update is not additive)",
+                                     "merge it into the base (adapters merge BASE_DIR REF --out DIR) and "
+                                     "evaluate the merged model")
         keys.update(m.weight_key for m in adapter.modules.values())
         keys.update(adapter.extra)
     retie = _untie_if_needed(model, keys)

@@ -31,6 +31,7 @@ from ..errors import AdapterHubError, ShapeMismatch
 from ..fsutil import check_output
 from ..lora import LoraModule, as_numpy
 from ..peft_format import LoraAdapter, lora_config, save_adapter
+from ..variants import refuse_dora_algebra
 from .inputs import MergeInput
 from .methods import Group, Options, get_method
 from .report import MergeReport, rel_error, stderr_notify
@@ -61,6 +62,8 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
     """The combined adapter in memory (float32 numpy factors), and its report. Nothing is written."""
     m = get_method(method)
     report = MergeReport(operation="merge_adapters", method=method)
+    for inp in inputs:
+        refuse_dora_algebra(inp.ref, inp.adapter)
     live = [inp for inp in inputs if inp.weight != 0]  # weight 0 is a no-op, exactly
     if not live:
         raise AdapterHubError("every weight is 0: the result would be an empty adapter")

@@ -82,6 +82,9 @@ def plan_edits(inputs: list[MergeInput], infos, tied_embed: str | None, report: 
             if dtype_of(key) not in FLOAT_ST:
                 raise InvalidAdapter(where, f"{key} has dtype {dtype_of(key)}; only floating-point weights "
                                      "can take a LoRA delta")
+            if m.magnitude is not None and inp.weight not in (0, 1):  # merge/dora.py
+                raise AdapterHubError(f"{inp.ref}: {m.name}: DoRA adapter with weight {inp.weight:g}; a DoRA "
+                                      "merge has no weight", "give DoRA adapters weight 1 (PEFT merges them whole)")
             if inp.weight != 0:
                 edits.setdefault(key, Edit()).deltas.append((m, inp.weight))
             if m.bias is not None:

@@ -36,6 +36,7 @@ from ..errors import AdapterHubError
 from ..fingerprint import tensor_head
 from ..lora import LoraModule
 from .cast import KINDS, TILE, add_cast, lowrank_add_cast, to_f32
+from .dora import DoraTensor, has_dora
 from .io import ITEMSIZE, OutTensor, Reader, numel
 from .plan import Edit
 from .report import MergeReport
@@ -428,6 +429,8 @@ def prepare(e: Edit | None):
     """(products, packed right factor of the fused single product, else None): the per-tensor set-up,
     run a tensor ahead on a helper thread so the compute threads do not wait for it."""
     e = e or Edit()
+    if has_dora(e.deltas):  # DoRA: merge/dora.py builds its own operands, adapter by adapter
+        return [], None
     kinds = {m.transposed for m, _ in e.deltas}
     if len(kinds) == 1 and not e.bias:  # the fused kernel's case: build its operands directly
         left, packed, rank = _stacked_packed(e.deltas, kinds.pop())
@@ -447,6 +450,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     if e.bias:
         bias = sum(_as_f32(m.bias) * np.float32(m.scale * w) for m, w in e.bias)
     rows, row, block = block_rows(info.shape)
+    dora = DoraTensor(t.name, e.deltas, rows, row) if has_dora(e.deltas) else None
     if replacement is not None:
         replacement = replacement.reshape(rows, row)
     if bias is not None:
@@ -471,6 +475,16 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
         pipe.hold(futures, info, r0 * row * src_item, n * src_item)
 
     reader.begin(info)
+    if dora is not None and dora.needs_prepass:  # column norms: one read of the tensor first
+        pipe.settle(0)
+        for r0 in range(0, rows, block):
+            r1 = min(rows, r0 + block)
+            nbytes = (r1 - r0) * row * src_item
+            base = (replacement[r0:r1] if replacement is not None else
+                    to_f32(reader.view(info, r0 * row * src_item, nbytes), info.dtype))
+            dora.add_columns(base, r0, r1)
+            if replacement is None:
+                reader.release(info, r0 * row * src_item, nbytes)
     h = hasher.start(info) if hasher else None
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
@@ -491,6 +505,10 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
             bad = pool.submit(lowrank_add_cast, src, src_kind, left[r0:r1], packed, rank, out, out_kind)
         elif fused:
             bad = lowrank_add_cast(src, src_kind, left[r0:r1], packed, rank, out, out_kind)
+        elif dora is not None:
+            base = src if src_kind == "F32" else to_f32(src, src_kind)
+            base = np.frombuffer(base, dtype=np.float32) if not isinstance(base, np.ndarray) else base
+            bad = add_cast(dora.block(base, r0, r1), "F32", None, out, out_kind)
         else:
             d = None
             if products or bias is not None:
