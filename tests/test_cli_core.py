@@ -168,9 +168,9 @@ def test_console_script_error_path_in_a_real_process(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
-def test_dora_can_be_read_when_asked(good_adapter, tmp_path):
+def test_dora_can_be_read_when_asked(llama_dir, tmp_path):
     from adapterhub_local.peft_format import load_adapter
 
-    folder = _copy(good_adapter, tmp_path / "d")
-    _edit_config(folder, lambda c: c.update(use_dora=True))
+    folder = make_peft_adapter(llama_dir, tmp_path / "d", use_dora=True)  # with its magnitude vectors
     assert load_adapter(folder, allow_dora=True).modules
+    assert all(m.magnitude is not None for m in load_adapter(folder).modules.values())
