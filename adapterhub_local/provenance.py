@@ -7,7 +7,7 @@ extraction outputs (``adapters merge --into-adapter``, ``extract``), registry ex
 way one is read, and it accepts every shape an earlier version wrote:
 
 - format 2 (this module): ``{"format": "adapterhub-local/provenance", "format_version": 2, ...}``;
-- format 1, the same minus ``written_by``/``method``/``hub``/``source``/``extra``, with a
+- format 1, the same minus ``written_by``/``method``/``team``/``source``/``extra``, with a
   ``registry_provenance`` object (written by ``push`` up to 0.1);
 - the flat file ``merge``/``extract`` wrote (``{"base_fingerprint", "created_by", "parents",
   "method", "via", "tuned_fingerprint"}``), shape 0;
@@ -36,8 +36,9 @@ method            merge method of a merge output (``cat``, ``svd``, ``ties``, ..
 base              ``{"fingerprint": "sha256:<64 hex>", "name_or_path", "hub_id"}``: the
                   exact base weights (see fingerprint.py), its path or id as recorded,
                   its Hub id when known
-hub               ``{"repo_id": "org/name", "version": "v7"}``: where this content is
-                  published; ``version`` is the Hub tag ``vN`` of a team push
+team              ``{"repo_id": "org/name", "version": 7, "metrics": {"v7": {"eval_loss":
+                  0.9}}}``: a team push (hub/team.py): the repo, this content's version N
+                  (its Hub tag is ``vN``), and metrics logged after each version was pushed
 source            ``{"repo_id", "commit_id" (40 hex), "revision", "endpoint",
                   "version" ("vN")}``: where a pulled version came from
 registry          the local record it was published from: ``{"id", "name", "version",
@@ -56,8 +57,8 @@ extra             writer-specific facts, free-form JSON (``tuned_fingerprint`` o
                   extraction, ``exported_at`` and ``content_sha256`` of an export, ...)
 ================  ==================================================================
 
-A team push (issue 15) fills ``hub.version``, ``base.fingerprint``, ``lineage`` and
-``metrics``; a pull records ``source``. Content is a pure function of what is described
+A team push fills ``team``, ``base.fingerprint``, ``lineage`` and ``metrics`` (the
+metrics when it was pushed; ``team.metrics`` those logged later); a pull records ``source``. Content is a pure function of what is described
 (no write timestamps except an export's ``extra.exported_at``), so pushing the same thing
 twice writes the same bytes.
 """
@@ -148,11 +149,16 @@ class ListOf:
 
 
 class MapOf:
-    def __init__(self, t):
-        self.t = t
+    """An object of ``t`` values; ``key`` (a _T) checks each key too."""
+
+    def __init__(self, t, key: _T | None = None):
+        self.t, self.key = t, key
 
     def check(self, v, path, where):
         OBJ.check(v, path, where)
+        for k in v:
+            if self.key is not None and not self.key.test(k):
+                raise ProvenanceError(where, f"{path}.{k}", f"key must be {self.key.desc}")
         return {k: self.t.check(x, f"{path}.{k}", where) for k, x in v.items()}
 
 
@@ -177,7 +183,9 @@ class Obj:
 
 _BASE = Obj({"fingerprint": Opt(FP), "name_or_path": Opt(STR), "hub_id": Opt(STR)})
 _TOOL = Obj({"name": STR, "version": STR})
-_HUB = Obj({"repo_id": Opt(STR), "version": Opt(VTAG)})
+POSINT = _T("posint", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**9,
+            "a positive integer")
+_TEAM = Obj({"repo_id": Opt(STR), "version": Opt(POSINT), "metrics": Opt(MapOf(MapOf(NUM), key=VTAG))})
 _SOURCE = Obj({"repo_id": Opt(STR), "commit_id": Opt(COMMIT), "revision": Opt(STR), "endpoint": Opt(STR),
                "version": Opt(VTAG)})
 _REGISTRY = Obj({"id": Opt(INT), "name": Opt(STR), "version": Opt(INT), "ref": Opt(STR),
@@ -200,7 +208,7 @@ SCHEMA = Obj({
     "format": _T("format", lambda v: v == FORMAT, repr(FORMAT)),
     "format_version": _T("fv", lambda v: v == FORMAT_VERSION, str(FORMAT_VERSION)),
     "tool": _TOOL, "written_by": Opt(_Choice(WRITERS)), "kind": _Choice(KINDS), "method": Opt(STR),
-    "base": _BASE, "hub": Opt(_HUB), "source": Opt(_SOURCE), "registry": Opt(_REGISTRY), "lineage": _LINEAGE,
+    "base": _BASE, "team": Opt(_TEAM), "source": Opt(_SOURCE), "registry": Opt(_REGISTRY), "lineage": _LINEAGE,
     "recipe": Opt(OBJ), "metrics": MapOf(NUM), "files": MapOf(HEX64), "adapter": Opt(_ADAPTER),
     "model": Opt(_MODEL), "extra": MapOf(ANY),
 })
@@ -209,7 +217,7 @@ SCHEMA = Obj({
 def _defaults() -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "tool": {"name": "adapterhub-local", "version": __version__}, "written_by": None, "kind": "adapter",
-            "method": None, "base": {"fingerprint": None, "name_or_path": None, "hub_id": None}, "hub": None,
+            "method": None, "base": {"fingerprint": None, "name_or_path": None, "hub_id": None}, "team": None,
             "source": None, "registry": None,
             "lineage": {"parents": [], "children": [], "inputs": [], "made_by": [], "used_in": []},
             "recipe": None, "metrics": {}, "files": {}, "adapter": None, "model": None, "extra": {}}
@@ -477,12 +485,12 @@ def source_of(record) -> dict | None:
 def build(kind: str, written_by: str, *, base_fingerprint: str | None = None, base_name: str | None = None,
           base_hub_id: str | None = None, method: str | None = None, record=None, parents=(), children=(),
           inputs=(), recipe: dict | None = None, metrics: dict | None = None, files: dict | None = None,
-          adapter: dict | None = None, model: dict | None = None, hub: dict | None = None,
+          adapter: dict | None = None, model: dict | None = None, team: dict | None = None,
           source: dict | None = None, extra: dict | None = None) -> dict:
     """A validated format-2 provenance dict. ``record`` (a registry VersionRecord) fills
     ``registry``, and ``source`` when it was pulled; explicit arguments win."""
     prov = _defaults()
-    prov.update(kind=kind, written_by=written_by, method=method, recipe=recipe, hub=hub,
+    prov.update(kind=kind, written_by=written_by, method=method, recipe=recipe, team=team,
                 source=source if source is not None else source_of(record), registry=record_fields(record),
                 metrics=dict(metrics or {}), files=dict(sorted((files or {}).items())), adapter=adapter,
                 model=model, extra=dict(extra or {}))

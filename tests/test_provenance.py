@@ -85,15 +85,19 @@ def test_flat_fingerprints_without_prefix_are_normalised():
 
 def test_build_validates_and_is_deterministic():
     kw = dict(base_fingerprint=FP, parents=["a@1"], metrics={"eval_loss": 1.5}, files={"b": "0" * 64, "a": "1" * 64},
-              hub={"repo_id": "org/x", "version": "v7"},
+              team={"repo_id": "org/x", "version": 7, "metrics": {"v6": {"eval_loss": 0.5}}},
               source={"repo_id": "org/y", "commit_id": "a" * 40, "version": "v2"})
     a, b = provenance.build("adapter", "push", **kw), provenance.build("adapter", "push", **kw)
     assert provenance.dumps(a) == provenance.dumps(b) and list(a["files"]) == ["a", "b"]
-    assert a["hub"]["version"] == "v7" and a["source"]["commit_id"] == "a" * 40
+    assert a["team"]["version"] == 7 and a["source"]["commit_id"] == "a" * 40
     with pytest.raises(ProvenanceError, match=r"metrics\.x: must be a finite number"):
         provenance.build("adapter", "push", metrics={"x": float("nan")})
-    with pytest.raises(ProvenanceError, match=r"hub\.version: must be a version tag"):
-        provenance.build("adapter", "push", hub={"version": "7"})
+    with pytest.raises(ProvenanceError, match=r"team\.version: must be a positive integer"):
+        provenance.build("adapter", "push", team={"version": "v7"})
+    with pytest.raises(ProvenanceError, match=r"team\.metrics\.7: key must be a version tag"):
+        provenance.build("adapter", "push", team={"version": 7, "metrics": {"7": {"x": 1}}})
+    with pytest.raises(ProvenanceError, match=r"team\.metrics\.v7\.x: must be a finite number"):
+        provenance.build("adapter", "push", team={"version": 7, "metrics": {"v7": {"x": "1"}}})
 
 
 # -- strangers' files ----------------------------------------------------------------------
