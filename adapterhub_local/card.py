@@ -308,18 +308,19 @@ def push_sections(src, prov: dict, repo_id: str, base_models: list[str], serving
 
 
 def push_card(src, prov: dict, repo_id: str, base_models: list[str], template: str | Path | None = None,
-              serving: str | None = None):
-    """The huggingface_hub ModelCard a push uploads; ``template`` is a user README (Jinja
-    variables: card_data, repo_id, model_name, base_model, base_fingerprint, adapterhub,
-    details, and each section by name)."""
-    from huggingface_hub import ModelCard
-
+              serving: str | None = None) -> str:
+    """The README.md a push uploads; ``template`` is a user README (Jinja variables:
+    card_data, repo_id, model_name, base_model, base_fingerprint, adapterhub, details, and
+    each section by name). Without a template, only ModelCardData is imported (ModelCard
+    pulls in all of huggingface_hub's API client: ~0.4 s of a dry run's start-up)."""
     name = repo_id.split("/", 1)[1]
     data = card_data("adapter" if src.is_adapter else "merged_model", base_models=base_models,
                      merged=src.recipe is not None, metrics=prov.get("metrics"), model_name=name)
     sections = push_sections(src, prov, repo_id, base_models, serving)
     if template is None:
-        return ModelCard(render(data, name, sections, FOOTER), ignore_metadata_errors=False)
+        return render(data, name, sections, FOOTER)
+
+    from huggingface_hub import ModelCard
 
     template = Path(template)
     try:
@@ -350,7 +351,7 @@ def push_card(src, prov: dict, repo_id: str, base_models: list[str], template: s
     if data.eval_results and not card.data.get("eval_results"):
         card.data.eval_results = data.eval_results
         card.data.model_name = data.model_name
-    return ModelCard(f"---\n{card.data.to_yaml()}\n---\n{card.text}")
+    return str(ModelCard(f"---\n{card.data.to_yaml()}\n---\n{card.text}"))
 
 
 __all__ = ["SECTIONS", "TOOL_TAG", "adapter_card", "card_data", "hub_bases", "merged_model_card", "push_card",

@@ -126,3 +126,20 @@ def test_push_hints_once_when_the_base_is_a_local_folder(hub_env, models):
     c = parse(hub_env.files("alice/local-base")["README.md"].decode())
     assert c.data.get("base_model") is None and c.data.get("base_model_relation") is None
     assert c.data.tags == card.tags("adapter")
+
+
+def test_push_dry_run_builds_its_card_without_the_hub_client_or_torch(models, tmp_path):
+    """ModelCardData is enough for our card; ModelCard would import huggingface_hub's whole
+    API client (~0.4 s), torch would cost seconds."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom adapterhub_local.cli import main\nsys.argv = ['adapters', 'push', sys.argv[1], 'me/x', "
+            "'--dry-run', '--base-model', 'org/b']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'huggingface_hub.hf_api', 'transformers') if m in sys.modules),"
+            " file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, str(models["support"])], capture_output=True, text=True,
+                         env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")}, timeout=120)
+    assert "dry run: nothing was sent" in out.stdout, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "[]"
