@@ -406,20 +406,23 @@ def find(folder: str | os.PathLike) -> Path | None:
     """The provenance file of ``folder``: adapterhub.json, else an old export's provenance.json."""
     for name in (NAME, EXPORT_NAME):
         p = Path(folder) / name
-        if p.is_file():
+        if p.is_file() or p.is_symlink():  # a symlink is found, then refused by read()
             return p
     return None
 
 
 def read(path: str | os.PathLike, where: str | None = None) -> dict | None:
-    """Read a folder's provenance (None when it has none) or a provenance file."""
+    """Read a folder's provenance (None when it has none) or a provenance file. A symlink,
+    FIFO or device in its place is refused, not followed (fsutil.open_input)."""
+    from .fsutil import open_input
+
     path = Path(path)
     file = find(path) if path.is_dir() else path
     if file is None:
         return None
     label = where or str(file)
     try:
-        with open(file, "rb") as f:
+        with open_input(file) as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise ProvenanceError(label, None, f"cannot read ({e.strerror or e})") from None

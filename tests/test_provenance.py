@@ -19,6 +19,7 @@ from tiny import make_peft_adapter
 
 from adapterhub_local import provenance
 from adapterhub_local.cli import cli
+from adapterhub_local.errors import AdapterHubError
 from adapterhub_local.provenance import ProvenanceError
 
 # the loopback Hub server and the models of test_hub.py, shared as fixtures
@@ -76,6 +77,15 @@ def test_a_folder_prefers_adapterhub_json_and_falls_back_to_an_old_export(tmp_pa
     assert provenance.read(tmp_path)["written_by"] == "export"
     shutil.copy(FIXTURES / "v0-flat-merge.json", tmp_path / "adapterhub.json")
     assert provenance.read(tmp_path)["written_by"] == "merge"
+
+
+def test_a_symlinked_provenance_file_is_refused_not_followed(tmp_path, capsys):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"base_fingerprint": "sha256:' + "a" * 64 + '"}')
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "adapterhub.json").symlink_to(secret)
+    with pytest.raises(AdapterHubError, match="symbolic link"):
+        provenance.read(tmp_path / "f")
 
 
 def test_flat_fingerprints_without_prefix_are_normalised():
