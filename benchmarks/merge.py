@@ -111,6 +111,7 @@ def build_base(path: Path) -> Path:
 def build_adapters(base: Path, root: Path, n: int = 8, r: int = 16) -> list[Path]:
     import torch
 
+    from adapterhub_local import provenance
     from adapterhub_local.fingerprint import fingerprint_model
     from adapterhub_local.lora import LoraModule
     from adapterhub_local.peft_format import LoraAdapter, lora_config, save_adapter
@@ -134,7 +135,8 @@ def build_adapters(base: Path, root: Path, n: int = 8, r: int = 16) -> list[Path
                                    torch.randn(out_f, r, generator=g) * 0.01, scale=2.0, r=r, alpha=2.0 * r)
         cfg = lora_config(r=r, lora_alpha=2 * r, target_modules=TARGETS, base_model_name_or_path=str(base))
         save_adapter(LoraAdapter(cfg, mods), p, overwrite=True,
-                     extra_files={"adapterhub.json": json.dumps({"base_fingerprint": fp})})
+                     extra_files={provenance.NAME: provenance.dumps(provenance.build(
+                         "adapter", "export", base_fingerprint=fp))})
     return paths
 
 
