@@ -98,12 +98,12 @@ class HeaderError(ValueError):
 
 
 def _no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise HeaderError(f"key {_show(k)} appears twice in the header")
-        seen[k] = v
-    return seen
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise HeaderError(f"key {_show(dup)} appears twice in the header")
+    return d
 
 
 def _int(v) -> bool:
@@ -145,33 +145,43 @@ def _raise(msg: str):
 
 
 def _entry(name: str, info, data_len: int) -> tuple[str, list[int], int, int]:
+    try:
+        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        item = DTYPES[dtype].itemsize
+    except (TypeError, KeyError, ValueError):
+        _entry_error(name, info)
+    if (type(shape) is not list or len(shape) > MAX_DIMS or type(start) is not int or type(end) is not int
+            or not 0 <= start <= end or not all(type(s) is int and s >= 0 for s in shape)):
+        _entry_error(name, info)
+    if end > data_len:
+        raise HeaderError(f"tensor {_show(name)}: ends at byte {end} of a {data_len}-byte data section "
+                          "(truncated?)")
+    need = item
+    for s in shape:  # stop as soon as the product passes the file: no 2**40-element shapes
+        need *= s
+        if need > data_len:
+            break
+    if need != end - start:
+        raise HeaderError(f"tensor {_show(name)}: data_offsets [{start}, {end}] hold {end - start} bytes but "
+                          f"shape {_shape(shape)} of {dtype} needs {_bytes(shape, dtype)}")
+    return dtype, shape, start, end
+
+
+def _entry_error(name: str, info) -> None:
+    """The precise reason an entry is malformed (the fast path above only knows that it is)."""
     t = f"tensor {_show(name)}"
     if not isinstance(info, dict):
         raise HeaderError(f"{t}: entry is not an object")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
     if missing:
         raise HeaderError(f"{t}: entry has no {', '.join(missing)}")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    dtype, shape = info["dtype"], info["shape"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         shown = _show(dtype) if isinstance(dtype, str) else type(dtype).__name__
         raise HeaderError(f"{t}: unknown dtype {shown} (known: {', '.join(sorted(DTYPES))})")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_int(s) and s >= 0 for s in shape):
         raise HeaderError(f"{t}: shape must be a list of at most {MAX_DIMS} non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(o) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        raise HeaderError(f"{t}: data_offsets must be two integers 0 <= start <= end")
-    start, end = offsets
-    if end > data_len:
-        raise HeaderError(f"{t}: ends at byte {end} of a {data_len}-byte data section (truncated?)")
-    need = DTYPES[dtype].itemsize
-    for s in shape:  # stop as soon as the product passes the file: no 2**40-element shapes
-        need *= s
-        if need > data_len:
-            break
-    if need != end - start:
-        raise HeaderError(f"{t}: data_offsets [{start}, {end}] hold {end - start} bytes but shape "
-                          f"{_shape(shape)} of {dtype} needs {_bytes(shape, dtype)}")
-    return dtype, shape, start, end
+    raise HeaderError(f"{t}: data_offsets must be two integers 0 <= start <= end")
 
 
 def _shape(shape: list[int]) -> str:
