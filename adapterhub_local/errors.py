@@ -94,3 +94,14 @@ class UnsafeInput(AdapterHubError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}", hint)
+
+
+class PatternError(AdapterHubError):
+    """A rank_pattern / alpha_pattern key we cannot match safely (invalid, or needing a
+    backtracking feature such as lookaround or backreferences)."""
+
+    def __init__(self, pattern, problem: str):
+        self.pattern = pattern
+        self.problem = problem
+        shown = repr(pattern) if len(repr(pattern)) <= 80 else repr(pattern)[:70] + "…"
+        super().__init__(f"pattern {shown}: {problem}")

@@ -15,10 +15,13 @@ methods that do torch math import torch.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .errors import PatternError
 
 if TYPE_CHECKING:
     import torch
@@ -47,10 +50,53 @@ def as_numpy(x, dtype=None):
     return x if dtype is None else np.asarray(x, dtype=dtype)
 
 
+MAX_PATTERN = 1000  # characters in one rank_pattern / alpha_pattern key
+
+
+@functools.lru_cache(maxsize=4096)
+def suffix_regex(key: str):
+    r"""PEFT's rank_pattern / alpha_pattern rule, compiled for a linear-time engine.
+
+    PEFT 0.21 (peft/utils/other.py, ``get_pattern_key``) takes the first key K for which
+    ``re.match(rf"(.*\.)?({K})$", module)`` matches. A key is user data: with Python's
+    backtracking engine ``(a+)+$`` against a long name never finishes. We match the same
+    spliced pattern with RE2, whose time is linear in the name; a key that Python rejects,
+    or that needs a feature RE2 does not run (lookaround, backreferences, atomic groups,
+    possessive quantifiers, ``\Z``) is a PatternError, one line. ``\n?`` keeps Python's
+    ``$``, which also matches before a final newline.
+    """
+    if not isinstance(key, str):
+        raise PatternError(key, "a pattern must be a string")
+    if len(key) > MAX_PATTERN:
+        raise PatternError(key, f"longer than {MAX_PATTERN} characters")
+    spliced = rf"(.*\.)?({key})$"
+    try:
+        re.compile(spliced)  # what PEFT itself would accept (compiling does not backtrack)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise PatternError(key, f"not a valid regular expression ({e})") from None
+    if "{," in key:  # Python reads a{,3} as a{0,3}, RE2 as literal text: refuse the ambiguity
+        raise PatternError(key, "uses {,n}; write {0,n}")
+    try:
+        import re2
+    except ImportError:  # no RE2 on this platform: literal names (with \. and |) only
+        if re.fullmatch(r"(?:[\w\-]|\\\.|\.|\|)*", key):
+            return re.compile(spliced)
+        raise PatternError(key, "needs google-re2 (pip install google-re2) to be matched in bounded time") from None
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own line to stderr
+    try:
+        return re2.compile(rf"(.*\.)?({key})\n?$", options=options)
+    except Exception as e:  # re2's error type is private
+        why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise PatternError(key, f"cannot be matched in bounded time ({why}; lookaround, backreferences "
+                           "and atomic groups are not supported)") from None
+
+
 def pattern_key(patterns, module: str) -> str | None:
-    """PEFT's suffix-regex match: the first key K with ``(.*\\.)?(K)$`` matching ``module``."""
+    """PEFT's suffix-regex match: the first key K with ``(.*\\.)?(K)$`` matching ``module``
+    (in time linear in ``module``: see ``suffix_regex``)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if suffix_regex(key).match(module):
             return key
     return None
 

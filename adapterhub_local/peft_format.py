@@ -131,25 +131,15 @@ class LoraAdapter:
 
 
 def _read_config(folder: Path) -> dict:
+    from .adapter_config import read_config
+
+    cfg = read_config(folder)  # size, syntax, depth, types and ranges checked
     cfg_path = folder / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise InvalidAdapter(folder, f"no {CONFIG_NAME}", "is this a PEFT LoRA adapter folder?")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(cfg_path, f"not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise InvalidAdapter(cfg_path, "expected a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise InvalidAdapter(
             cfg_path, f"unknown peft_type {cfg.get('peft_type')!r}", "only LORA adapters are supported"
         )
-    for key in ("r", "lora_alpha"):
-        if key in cfg and not isinstance(cfg[key], (int, float)):
-            raise InvalidAdapter(cfg_path, f"{key} must be a number, got {cfg[key]!r}")
-    if cfg.get("r", 8) <= 0:
-        raise InvalidAdapter(cfg_path, f"r must be positive, got {cfg.get('r')}")
     check_variant(cfg, cfg_path)
     return cfg
 
