@@ -244,6 +244,7 @@ class Registry:
             for e in self._q(f"SELECT l.parent_id, v.name, v.version FROM lineage l JOIN versions v "
                              f"ON v.id = l.child_id WHERE l.parent_id IN ({marks}) ORDER BY v.id", ids):
                 by["children"][e["parent_id"]].append(f"{e['name']}@{e['version']}")
+            self._claims_into(by, ids, marks)
             for h in self._q(f"SELECT * FROM hub WHERE version_id IN ({marks}) ORDER BY id", ids):
                 by["hub"][h["version_id"]].append(
                     {"repo_id": h["repo_id"], "revision": h["revision"], "commit_id": h["commit_id"],
@@ -256,6 +257,10 @@ class Registry:
             rec.parents = by["parents"][row["id"]]
             rec.children = by["children"][row["id"]]
             rec.hub = by["hub"][row["id"]]
+            rec.origin = by.get("origin", {}).get(row["id"])
+            claims = by.get("claims", {}).get(row["id"]) or []
+            rec.claims = {c["key"]: c["value"] for c in claims}
+            rec.claims_source = claims[0]["source"] if claims else None
             out.append(rec)
         return out
 
@@ -297,6 +302,7 @@ class Registry:
 
     # -- the rest of the API lives in small modules, bound here ------------------
     from .annotate import log_metrics, metric_history, remove_alias, set_alias, set_hub
+    from .claims import _claims_into, add_claims, set_origin
     from .lineage import lineage, merge, merges_for, record_merge, set_merge_output
     from .register import _base_info, register
     from .storage import adapter_path, export, gc, rm, verify

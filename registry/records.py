@@ -33,6 +33,9 @@ class VersionRecord:
     base_model: str | None = None  # base_model_name_or_path from the adapter config
     num_parameters: int | None = None
     file_sizes: dict[str, int] = field(default_factory=dict)
+    origin: dict | None = None  # pulled from a Hub: {endpoint, repo_id, version, commit_id, pulled_at}
+    claims: dict[str, float] = field(default_factory=dict)  # metrics its source claims (not measured here)
+    claims_source: str | None = None
 
     @property
     def ref(self) -> str:

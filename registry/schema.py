@@ -150,6 +150,31 @@ def m002_metric_scan_index(db) -> None:
     db.execute("CREATE INDEX metric_values_key_version ON metric_values(key, version_id, value)")
 
 
+@migrations()
+def m003_hub_origins_and_claims(db) -> None:
+    # A version pulled from a Hub remembers where it came from, and the metrics that came
+    # with it are that source's claims: kept apart from metric_values (what was measured
+    # here), so `list --sort` never ranks a repo by what it says about itself.
+    _run(db, """
+    CREATE TABLE origins (
+        version_id INTEGER PRIMARY KEY REFERENCES versions(id) ON DELETE CASCADE,
+        endpoint TEXT NOT NULL,
+        repo_id TEXT NOT NULL,
+        version TEXT,                           -- the Hub version tag (v3), never an alias
+        commit_id TEXT NOT NULL,
+        pulled_at TEXT NOT NULL
+    );
+    CREATE TABLE claimed_metrics (
+        version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value REAL NOT NULL,
+        source TEXT NOT NULL,                   -- who claims it: repo_id@v3
+        received_at TEXT NOT NULL,
+        PRIMARY KEY (version_id, key)
+    )
+    """)
+
+
 KNOWN = [m.name for m in migrations._migrations]
 
 

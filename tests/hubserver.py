@@ -11,10 +11,23 @@ list_repo_refs, whoami, hf_hub_download and snapshot_download, with:
   with ``create_pr=1`` opens ``refs/pr/N``;
 - ``resolve`` answers with ``X-Repo-Commit`` and ``ETag`` (``X-Linked-Etag`` /
   ``X-Linked-Size`` for LFS files), as the client requires;
+- tags as the Hub keeps them: ``create_tag`` (409 on an existing tag), ``delete_tag``,
+  ``list_repo_refs``; every revision (model_info, tree, resolve) may be a tag;
+- ``list_models`` with ``author`` / ``filter`` (tags, read from the README's YAML as
+  the Hub does), ``cardData`` and Link-header pagination;
+- commits on an explicit parent: ``parentCommit`` that is not the branch head is a 412
+  ("A commit has happened since. Please refresh and try again."), as on the Hub;
 - fault injection for tests: ``fail_commits`` (answer the next N commit requests with a
-  500) and ``drop_commits`` (close the connection on the next N commit requests, as a
-  server that dies mid-upload would);
-- ``requests``: every request seen, so a test can assert that nothing was sent.
+  500), ``drop_commits`` (close the connection on the next N commit requests, as a
+  server that dies mid-upload would) and ``commit_delay`` (seconds each commit request
+  waits before it is applied, outside the lock, so concurrent pushes really overlap);
+- ``hostile``: a dict that turns the server into a liar: ``commit_id`` (reported for every
+  commit), ``names`` (extra file names listed), ``sha256`` / ``sizes`` ({path: lie} in
+  the listing), ``serve`` ({path: other bytes} sent), ``tags`` ({name: commit} extra
+  tags), ``stall`` ((path part, seconds) before answering), ``fail`` ((path part,
+  status)), ``redirect`` (a URL prefix every download is sent to) and ``listing`` (N
+  junk repos appended to list_models);
+- ``requests``: every request seen, so a test can assert that nothing was sent, or count.
 
 Usage::
 
@@ -80,6 +93,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # name -> commit id
     prs: dict[int, str] = field(default_factory=dict)  # number -> commit id
     commits: dict[str, Commit] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # name -> commit id
     lfs: set[str] = field(default_factory=set)  # LFS objects uploaded to this repo (sha256)
 
 
@@ -103,8 +117,13 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []
+        self.auth_seen: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
         self.fail_commits = 0
         self.drop_commits = 0
+        self.commit_delay = 0.0
+        self.hostile: dict = {}  # see Hostile
+        self.card_cache: dict[str, dict | None] = {}  # README sha256 -> its YAML header
+        self.page_size = 1000  # list_models page size (the Hub's is 1000 too)
         self.secret = os.urandom(16)
         self.base_url = ""
 
@@ -164,6 +183,10 @@ class HubState:
         rev = unquote(rev)
         if rev in repo.branches:
             return repo.commits[repo.branches[rev]]
+        if rev in repo.tags:
+            return repo.commits[repo.tags[rev]]
+        if rev.startswith("refs/tags/") and rev[10:] in repo.tags:
+            return repo.commits[repo.tags[rev[10:]]]
         m = re.fullmatch(r"refs/pr/(\d+)", rev)
         if m and int(m.group(1)) in repo.prs:
             return repo.commits[repo.prs[int(m.group(1))]]
@@ -199,6 +222,38 @@ class HubState:
         repo = self.repos[repo_id]
         commit = self.resolve_rev(repo, rev)
         return {p: self.read(e.sha256) for p, e in commit.files.items()}
+
+
+def card_data(commit: Commit, st: HubState) -> dict | None:
+    """The YAML header of the commit's README.md, as the Hub parses it for cardData."""
+    e = commit.files.get("README.md")
+    if e is None:
+        return None
+    if e.sha256 not in st.card_cache:
+        st.card_cache[e.sha256] = _parse_card(st.read(e.sha256))
+    return st.card_cache[e.sha256]
+
+
+def _parse_card(data: bytes) -> dict | None:
+    import yaml
+
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", data.decode("utf-8", "replace"), re.DOTALL)
+    if not m:
+        return None
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def card_tags(commit: Commit, st: HubState) -> list[str]:
+    meta = card_data(commit, st) or {}
+    tags = meta.get("tags") or []
+    out = [str(t) for t in tags] if isinstance(tags, list) else []
+    if isinstance(meta.get("library_name"), str):
+        out.append(meta["library_name"])
+    return out
 
 
 def _iso(ts: float) -> str:
@@ -254,9 +309,19 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         with st.lock:
             st.requests.append((method, url.path))
+            st.auth_seen.append((method, url.path, self.headers.get("Authorization")))
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         body = b"" if method in ("GET", "HEAD") else self._body()
         parts = [unquote(p) for p in url.path.split("/")[1:]]
+        stall = st.hostile.get("stall")
+        if stall and stall[0] in url.path:
+            time.sleep(stall[1])  # a server that stops answering (the client's timeout must end it)
+        fail = st.hostile.get("fail")
+        if fail and fail[0] in url.path:
+            return self._error(HubError(fail[1], "hostile failure"), head=method == "HEAD")
+        if st.commit_delay and method == "POST" and len(parts) >= 5 and parts[:2] == ["api", "models"] \
+                and parts[4] == "commit":
+            time.sleep(st.commit_delay)  # outside the lock: concurrent commits overlap here
         try:
             user = st.user_for(self.headers.get("Authorization"))
             with st.lock:
@@ -278,6 +343,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
     # -- routes --------------------------------------------------------------------
     def _route(self, method, parts, query, body, user, raw_path):
         st = self.state
@@ -292,6 +360,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._create_repo(json.loads(body or b"{}"), user)
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
+        if parts == ["api", "models"] and method == "GET":
+            return self._list_models(query, user)
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id = f"{parts[2]}/{parts[3]}"
             rest = parts[4:]
@@ -309,6 +379,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._commit(repo_id, "/".join(rest[1:]), query, body, user)
             if method == "POST" and rest[0] == "branch" and len(rest) >= 2:
                 return self._branch(repo_id, "/".join(rest[1:]), json.loads(body or b"{}"), user)
+            if method == "POST" and rest[0] == "tag" and len(rest) >= 2:
+                return self._create_tag(repo_id, "/".join(rest[1:]), json.loads(body or b"{}"), user)
+            if method == "DELETE" and rest[0] == "tag" and len(rest) >= 2:
+                return self._delete_tag(repo_id, "/".join(rest[1:]), user)
         if parts and parts[0] == "_lfs" and method == "PUT" and len(parts) == 4:
             return self._lfs_put(f"{parts[1]}/{parts[2]}", parts[3], query, body)
         if len(parts) >= 5 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
@@ -360,13 +434,74 @@ class Handler(BaseHTTPRequestHandler):
         warnings = [] if m else [{"message": "empty or missing yaml metadata in repo card"}]
         return self._json(200, {"errors": [], "warnings": warnings})
 
+    def _cid(self, commit_id: str) -> str:
+        """The commit id as this server reports it (a hostile one lies)."""
+        return self.state.hostile.get("commit_id") or commit_id
+
     def _sibling(self, e: FileEntry, blobs: bool) -> dict:
         d = {"rfilename": e.path}
         if blobs:
-            d.update(size=e.size, blobId=e.oid)
+            h = self.state.hostile
+            size = h.get("sizes", {}).get(e.path, e.size)
+            sha = h.get("sha256", {}).get(e.path, e.sha256)
+            d.update(size=size, blobId=e.oid)
             if e.lfs:
-                d["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
+                d["lfs"] = {"size": size, "sha256": sha, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
         return d
+
+    def _list_models(self, query, user):
+        """GET /api/models?author=&filter=&cardData=&full=, paged by a Link header."""
+        st = self.state
+        author, wanted = query.get("author"), query.get("filter")
+        with_card = query.get("cardData", "").lower() in ("1", "true")
+        items = []
+        for repo in st.repos.values():
+            if repo.private and not st.can_write_namespace(user, repo.owner):
+                continue
+            if author and repo.owner != author:
+                continue
+            head = repo.commits[repo.branches["main"]]
+            tags = card_tags(head, st)
+            if wanted and wanted not in tags:
+                continue
+            item = {"_id": repo.id, "id": repo.id, "modelId": repo.id, "author": repo.owner,
+                    "sha": self._cid(head.id), "private": repo.private, "tags": tags,
+                    "lastModified": _iso(head.date), "createdAt": _iso(head.date), "downloads": 0, "likes": 0}
+            if with_card:
+                item["cardData"] = card_data(head, st) or {}
+            items.append(item)
+        for i in range(int(st.hostile.get("listing", 0))):
+            items.append({"_id": f"{author or 'x'}/junk-{i}", "id": f"{author or 'x'}/junk-{i}",
+                          "author": author or "x", "tags": [wanted] if wanted else [], "private": False})
+        start = int(query.get("cursor") or 0)
+        page = items[start:start + st.page_size]
+        headers = {}
+        if start + st.page_size < len(items):
+            q = {k: v for k, v in query.items() if k != "cursor"}
+            nxt = "&".join(f"{k}={v}" for k, v in q.items())
+            headers["Link"] = f'<{st.base_url}/api/models?{nxt}&cursor={start + st.page_size}>; rel="next"'
+        return self._json(200, page, headers)
+
+    def _create_tag(self, repo_id, rev, payload, user):
+        st = self.state
+        repo = st.repo_for_write(repo_id, user)
+        tag = payload.get("tag") or ""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", tag):
+            raise HubError(400, f"Invalid tag name {tag!r}")
+        commit = st.resolve_rev(repo, rev)
+        if tag in repo.tags or tag in repo.branches:
+            raise HubError(409, f"Tag {tag} already exists")
+        repo.tags[tag] = commit.id
+        return self._json(200, {})
+
+    def _delete_tag(self, repo_id, tag, user):
+        st = self.state
+        repo = st.repo_for_write(repo_id, user)
+        tag = unquote(tag)
+        if tag not in repo.tags:
+            raise HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
+        del repo.tags[tag]
+        return self._json(200, {})
 
     def _model_info(self, repo_id, rev, query, user):
         st = self.state
@@ -374,10 +509,11 @@ class Handler(BaseHTTPRequestHandler):
         commit = st.resolve_rev(repo, rev)
         blobs = query.get("blobs", "").lower() in ("1", "true")
         return self._json(200, {
-            "_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo.owner, "sha": commit.id,
+            "_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo.owner, "sha": self._cid(commit.id),
             "private": repo.private, "disabled": False, "gated": False, "downloads": 0, "likes": 0,
-            "tags": [], "lastModified": _iso(commit.date), "createdAt": _iso(commit.date),
-            "siblings": [self._sibling(commit.files[p], blobs) for p in sorted(commit.files)],
+            "tags": card_tags(commit, st), "lastModified": _iso(commit.date), "createdAt": _iso(commit.date),
+            "siblings": [self._sibling(commit.files[p], blobs) for p in sorted(commit.files)]
+            + [{"rfilename": n, "size": 1, "blobId": "0" * 40} for n in st.hostile.get("names", [])],
         })
 
     def _tree(self, repo_id, rev, path, query, user):
@@ -411,8 +547,13 @@ class Handler(BaseHTTPRequestHandler):
     def _refs(self, repo_id, user):
         repo = self.state.repo_for_read(repo_id, user)
         return self._json(200, {
-            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()],
-            "converts": [], "tags": [],
+            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": self._cid(c)}
+                         for b, c in repo.branches.items()],
+            "converts": [],
+            "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": self._cid(c)}
+                     for t, c in repo.tags.items()] + [
+                {"name": t, "ref": f"refs/tags/{t}", "targetCommit": c}
+                for t, c in (self.state.hostile.get("tags") or {}).items()],
             "pullRequests": [{"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": c}
                              for n, c in repo.prs.items()],
         })
@@ -546,13 +687,16 @@ class Handler(BaseHTTPRequestHandler):
         e = commit.files.get(path)
         if e is None:
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.id})
-        headers = {"X-Repo-Commit": commit.id, "Accept-Ranges": "none"}
+        h = st.hostile
+        if h.get("redirect") and not head:
+            return self._send(302, b"", {"Location": h["redirect"] + "/" + path}, content_type="text/plain")
+        headers = {"X-Repo-Commit": self._cid(commit.id), "Accept-Ranges": "none"}
         if e.lfs:
             headers.update({"ETag": f'"{e.sha256}"', "X-Linked-Etag": f'"{e.sha256}"',
                             "X-Linked-Size": str(e.size)})
         else:
             headers["ETag"] = f'"{e.oid}"'
-        data = st.read(e.sha256)
+        data = h.get("serve", {}).get(path, st.read(e.sha256))
         if head:
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
@@ -634,6 +778,28 @@ class HubServer:
     def is_lfs(self, repo_id: str, path: str, rev: str = "main") -> bool:
         with self.state.lock:
             return self.state.resolve_rev(self.state.repos[repo_id], rev).files[path].lfs
+
+    def tags(self, repo_id: str) -> dict[str, str]:
+        with self.state.lock:
+            return dict(self.state.repos[repo_id].tags)
+
+    def add_tag(self, repo_id: str, tag: str, commit_id: str) -> None:
+        with self.state.lock:
+            self.state.repos[repo_id].tags[tag] = commit_id
+
+    def commit_chain(self, repo_id: str, rev: str = "main") -> list[str]:
+        """Commit ids from ``rev`` back to the first commit."""
+        with self.state.lock:
+            repo = self.state.repos[repo_id]
+            out, c = [], self.state.resolve_rev(repo, rev)
+            while c is not None:
+                out.append(c.id)
+                c = repo.commits.get(c.parent) if c.parent else None
+            return out
+
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        """How many requests were seen (of a method, with a path containing a string)."""
+        return sum(1 for m, p in self.requests if (method is None or m == method) and contains in p)
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], owner: str | None = None,
                  private: bool = False) -> str:

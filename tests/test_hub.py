@@ -201,10 +201,13 @@ def test_push_adapter_ref_card_metrics_and_hub_record(hub_env, base_dir, adapter
     assert prov["registry"]["ref"] == "support@1" and prov["base"]["fingerprint"] == rec.base_fingerprint
     assert prov["metrics"] == {"eval_loss": 1.25, "eval_accuracy": 0.5}
     assert prov["adapter"]["r"] == 4
+    # a push to main is the repo's next numbered version: v1, tagged on its commit
+    assert prov["hub"] == {"repo_id": "alice/support-lora", "version": "v1"}
+    assert hub_env.tags("alice/support-lora") == {"v1": head}
 
     shown = json.loads(ok("show", "support", "--json"))
     assert [(h["repo_id"], h["revision"], h["commit_id"]) for h in shown["hub"]] == [
-        ("alice/support-lora", "main", head)]
+        ("alice/support-lora", "v1", head)]
 
     # the same push again: same bytes (adapterhub.json has no push time), no commit, no duplicate record
     out = ok("push", "support", "alice/support-lora", "--base-model", "meta-llama/Llama-3.2-1B")
@@ -385,9 +388,15 @@ def test_dry_run_touches_no_network(hub_env, base_dir, adapter_dir, tmp_path, mo
     # the dry-run folder is exactly what a real push uploads
     monkeypatch.setenv("HF_TOKEN", ALICE)
     ok("push", "support@1", "alice/preview")
-    assert hub_env.files("alice/preview") == {
-        ".gitattributes": hub_env.files("alice/preview")[".gitattributes"],
-        **{p.name: p.read_bytes() for p in out_dir.iterdir()}}
+    pushed = hub_env.files("alice/preview")
+    staged = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    # except the version number, which only the Hub's tags can give (adapterhub.json's "hub")
+    prov = json.loads(pushed.pop("adapterhub.json"))
+    staged_prov = json.loads(staged.pop("adapterhub.json"))
+    assert prov.pop("hub") == {"repo_id": "alice/preview", "version": "v1"}
+    staged_prov.pop("hub")
+    assert prov == staged_prov
+    assert pushed == {".gitattributes": pushed[".gitattributes"], **staged}
 
 
 # -- pull ---------------------------------------------------------------------------
@@ -409,7 +418,10 @@ def test_pull_brings_lineage_and_fingerprint(hub_env, models, base_dir, adapter_
     shown = json.loads(ok("show", "support", "--json"))
     assert shown["parents"] == ["generic@1"]
     assert shown["base_fingerprint"] == child.base_fingerprint
-    assert shown["metrics"] == {"eval_loss": 0.9}
+    # what the repo says about its metrics is its claim, not a measurement of this registry
+    assert shown["metrics"] == {} and shown["claims"] == {"eval_loss": 0.9}
+    assert shown["claims_source"] == "alice/support-with-parent@main"
+    assert shown["origin"]["repo_id"] == "alice/support-with-parent" and shown["origin"]["commit_id"] == head
     assert shown["files"]["adapter_model.safetensors"] == child.files["adapter_model.safetensors"]
     assert shown["provenance"]["commit_id"] == head
     assert shown["provenance"]["adapterhub"]["registry"]["ref"] == "support@1"

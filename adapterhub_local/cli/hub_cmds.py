@@ -40,7 +40,7 @@ def _quiet_hf() -> None:
 @click.pass_context
 def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message, token, card, base_model,
          dry_run, dry_run_dir, as_json):
-    """Publish an adapter or a merged model to the Hub, with a model card and provenance.
+    """Publish an adapter or a merged model to the Hub as its next version vN.
 
     REF_OR_DIR is a registry reference (name, name@3, name:prod), a PEFT adapter
     folder, or a merged model folder (`adapters merge` output). The upload holds
@@ -49,6 +49,10 @@ def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message,
     versions and hashes, the base fingerprint) and adapterhub.json, the same
     provenance for machines. The repo is created if missing. A push of a
     registry version is recorded on it (see `adapters show`).
+
+    A push to main is numbered: it becomes the repo's next version, a tag vN
+    on its commit, race-free (two people pushing at once get v7 and v8; see
+    docs/team.md). Pushing what the repo already holds makes no new version.
 
     Tokens: --token, else $HF_TOKEN, else `hf auth login`. A self-hosted Hub:
     set HF_ENDPOINT=https://hub.example.com (and HF_HUB_DISABLE_XET=1 if it only
@@ -84,7 +88,21 @@ def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message,
         echo(f"folder: {res.staged_dir}")
         return
     where = res.revision if not res.pr_url else f"pull request {res.revision}"
-    if res.unchanged:
+    if res.version is not None:
+        a = res.attempts or {}
+        for k in a.get("repaired") or []:
+            hint(f"tagged v{k}: a push before this one had committed it but not tagged it")
+        if res.unchanged:
+            echo(f"unchanged: {repo_id} already holds exactly these files as v{res.version}; "
+                       f"commit {res.commit_id}")
+        else:
+            echo(f"pushed {res.registry_ref or ref_or_dir} to {repo_id} as v{res.version}: "
+                       f"{len(res.files)} files, {human_bytes(res.total_bytes)}")
+            echo(f"commit {res.commit_id}")
+        if a.get("stale_parent") or a.get("tag_taken"):
+            hint(f"others pushed at the same moment: {a['stale_parent']} commit(s) refused on a stale head, "
+                 f"{a['tag_taken']} tag(s) taken; retried")
+    elif res.unchanged:
         echo(f"unchanged: {repo_id} ({where}) already holds exactly these files; commit {res.commit_id}")
     else:
         echo(f"pushed {res.registry_ref or ref_or_dir} to {repo_id} ({where}): "
@@ -96,7 +114,7 @@ def push(ctx, ref_or_dir, repo_id, private, revision, create_pr, commit_message,
 
 
 @click.command()
-@click.argument("spec", metavar="REPO_ID[@REVISION]")
+@click.argument("spec", metavar="REPO_ID[@REVISION|:ALIAS]")
 @click.option("--name", "-n", help="Registry name (default: the repo name).")
 @click.option("--base", "base", metavar="MODEL_DIR", type=click.Path(file_okay=False),
               help="Check every adapted module's shape against this base (and its fingerprint against the "
@@ -113,12 +131,15 @@ def pull(ctx, spec, name, base, token, force, as_json):
     and, when the repo was published by `adapters push`, against adapterhub.json,
     whose lineage, metrics and base fingerprint come along. Pulling the same
     revision again makes no new version. Nothing is registered unless every
-    check passes.
+    check passes. @vN pulls a team version, :ALIAS the version an alias points
+    at now (the record keeps vN). Metrics that come along are the repo's
+    claims: `show` prints them apart, `list` ranks by them only with --claims.
 
     \b
     Examples:
       adapters pull my-team/support-lora
       adapters pull my-team/support-lora@v2 --name support --base ./llama
+      adapters pull my-team/support-lora:prod
     """
     from ..hub.pull import pull as do_pull
 
@@ -129,6 +150,8 @@ def pull(ctx, spec, name, base, token, force, as_json):
         return
     rec = res.record
     src = f"{res.repo_id}@{res.revision} (commit {res.commit_id[:12]})"
+    if res.alias:
+        src = f"{res.repo_id}:{res.alias} = {res.revision} (commit {res.commit_id[:12]})"
     if res.is_new:
         echo(f"pulled {src} -> {rec.ref}  rank {rec.rank}  base "
                    f"{(rec.base_fingerprint or '-').split(':', 1)[-1][:12]}")
@@ -140,6 +163,9 @@ def pull(ctx, spec, name, base, token, force, as_json):
         hint(f"lineage: parents not in this registry (kept in provenance): {', '.join(res.parents_missing)}")
     if res.provenance is None:
         hint("no adapterhub.json in the repo: lineage and base fingerprint unknown (give --base to record one)")
+    if res.claims:
+        hint(f"metrics claimed by {res.repo_id}@{res.revision} (kept as its claims, not measured here): "
+             + "  ".join(f"{k}={v:g}" for k, v in sorted(res.claims.items())))
     for w in res.warnings:
         hint(f"warning: {w}")
 

@@ -80,7 +80,7 @@ def _metric_columns(recs, where, sort, limit=3) -> list[str]:
         first.append(sort.lstrip("-"))
     counts: dict[str, int] = {}
     for r in recs:
-        for k in r.metrics:
+        for k in {**r.claims, **r.metrics}:
             counts[k] = counts.get(k, 0) + 1
     cols = [k for k in dict.fromkeys(first) if k in counts]
     cols += [k for k in sorted(counts, key=lambda k: (-counts[k], k)) if k not in cols]
@@ -98,9 +98,11 @@ def _metric_columns(recs, where, sort, limit=3) -> list[str]:
               "created, name, version, rank, size. Default: newest first.")
 @click.option("--limit", default=50, show_default=True, help="At most N rows (0: all).")
 @click.option("--latest", is_flag=True, help="Only the newest version of each name.")
+@click.option("--claims", is_flag=True, help="Let metrics claimed by a Hub source (pulled versions) count in "
+              "--where and --sort where nothing was measured here. Default: local measurements only.")
 @json_option
 @click.pass_context
-def list_cmd(ctx, name, base, alias, where, sort, limit, latest, as_json):
+def list_cmd(ctx, name, base, alias, where, sort, limit, latest, claims, as_json):
     """List registered adapter versions, newest first.
 
     \b
@@ -109,8 +111,14 @@ def list_cmd(ctx, name, base, alias, where, sort, limit, latest, as_json):
       adapters list --where 'eval_loss<1.2' --sort eval_loss --limit 10
       adapters list --name 'legal-*' --alias prod --json
     """
-    recs = _reg(ctx).list(name=name, base=base, alias=alias, where=where, sort=sort,
-                          limit=limit or None, latest_only=latest)
+    if claims:
+        from ..registry.claims import rank_with_claims
+
+        recs = rank_with_claims(_reg(ctx).list(name=name, base=base, alias=alias, limit=None, latest_only=latest),
+                                where=where, sort=sort, limit=limit or None)
+    else:
+        recs = _reg(ctx).list(name=name, base=base, alias=alias, where=where, sort=sort,
+                              limit=limit or None, latest_only=latest)
     if as_json:
         emit_json([r.to_dict() for r in recs])
         return
@@ -123,10 +131,13 @@ def list_cmd(ctx, name, base, alias, where, sort, limit, latest, as_json):
     for r in recs:
         row = {"name": r.name, "version": r.version, "aliases": ",".join(r.aliases) or "-",
                "base": _short_fp(r.base_fingerprint), "rank": r.rank}
-        row.update({k: r.metrics.get(k) for k in cols})
+        row.update({k: r.metrics.get(k, f"{fmt(r.claims[k])}*" if k in r.claims else None) for k in cols})
         row.update({"size": human_bytes(r.size), "created": _when(r.created_at)})
         rows.append(row)
     echo(table(rows))
+    if any(k in r.claims and k not in r.metrics for r in recs for k in cols):
+        hint("* claimed by the Hub repo it was pulled from, not measured here" +
+             ("" if claims else " (not used by --where/--sort; --claims uses them)"))
     if limit and len(recs) == limit:
         hint(f"(first {limit}; --limit 0 shows all)")
 
@@ -181,12 +192,19 @@ def show(ctx, ref, history, as_json):
     deeper = [a["ref"] for a in lineage["ancestors"] if a["depth"] > 1]
     if deeper:
         rows.append(["ancestors", ", ".join(deeper)])
+    if rec.origin:
+        o = rec.origin
+        rows.append(["pulled from", f"{o['repo_id']}@{o['version'] or o['commit_id'][:12]} (commit "
+                                    f"{o['commit_id']}, {o['endpoint']})"])
     for h in rec.hub:
         rows.append(["hub", f"{h['repo_id']}@{h['revision'] or 'main'} {h['commit_id'] or ''}".strip()])
     echo(table(rows))
     if rec.metrics:
         echo("\nmetrics")
         echo(table([[k, v] for k, v in sorted(rec.metrics.items())]))
+    if rec.claims:
+        echo(f"\nmetrics claimed by {rec.claims_source} (not measured here)")
+        echo(table([[k, v] for k, v in sorted(rec.claims.items())]))
     if hist:
         echo("\nmetric history")
         echo(table(hist, ["key", "value", "step", "split", "logged_at"]))
@@ -235,22 +253,37 @@ def alias(ctx, ref, alias, remove, as_json):
 @click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
 @click.option("--step", type=int, help="Training step these values belong to.")
 @click.option("--split", help="Data split, e.g. eval: `loss` is then filtered as `eval_loss`.")
+@click.option("--push", "push", is_flag=True, help="Also record them on every Hub repo this version was "
+              "pushed to as vN (a small commit to adapterhub.json; not a new version).")
+@click.option("--token", metavar="T", help="Hub token for --push (default: $HF_TOKEN).")
 @json_option
 @click.pass_context
-def log_metric(ctx, ref, pairs, step, split, as_json):
+def log_metric(ctx, ref, pairs, step, split, push, token, as_json):
     """Record metric values for a version (every value is kept; the latest counts).
 
     \b
     Example:
       adapters log-metric support@3 eval_loss=1.08 accuracy=0.91 --step 2000
       adapters log-metric support@3 loss=1.08 --split eval     # shows as eval_loss
+      adapters log-metric support@3 win_rate=0.62 --push       # every machine sees it
     """
     from ..registry import parse_pairs
 
-    rec = _reg(ctx).log_metrics(ref, parse_pairs(pairs, "metric"), step=step, split=split)
+    values = parse_pairs(pairs, "metric")
+    rec = _reg(ctx).log_metrics(ref, values, step=step, split=split)
+    pushed = []
+    if push:
+        from ..hub.team import push_logged_metrics
+        from .hub_cmds import _quiet_hf
+
+        _quiet_hf()
+        pushed = push_logged_metrics(rec, values, split=split, token=token, registry_home=ctx.obj.registry_home)
     if as_json:
-        emit_json({"ref": rec.ref, "metrics": rec.metrics})
+        emit_json({"ref": rec.ref, "metrics": rec.metrics, **({"pushed": pushed} if push else {})})
         return
+    for p in pushed:
+        hint(f"pushed to {p['repo_id']}@{p['version']}" + (" (already there)" if p["unchanged"] else
+                                                           f": commit {p['commit_id'][:12]}"))
     echo(f"{rec.ref}: " + "  ".join(f"{k}={fmt(v)}" for k, v in sorted(rec.metrics.items())))
 
 

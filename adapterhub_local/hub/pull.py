@@ -20,10 +20,22 @@ from pathlib import Path
 from ..errors import AdapterHubError, AdapterNotFound, BaseMismatch, InvalidAdapter, ShapeMismatch
 from ..provenance import NAME as PROVENANCE_NAME
 from ..provenance import read as read_provenance
-from .common import check_online, client, endpoint, resolve_token, split_repo_spec
+from .common import (
+    check_commit_id,
+    check_file_name,
+    check_online,
+    client,
+    endpoint,
+    resolve_token,
+    split_repo_spec,
+    validate_repo_id,
+)
 from .errors import HubError, NotALoraRepo, hub_errors
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# what a server may announce for the files we download (ADAPTERS_MAX_ADAPTER_BYTES raises the first)
+MAX_SIZES = {"adapter_model.safetensors": 64 << 30, "adapter_config.json": 1 << 20, PROVENANCE_NAME: 1 << 20}
+MAX_SIBLINGS = 100_000
 
 
 @dataclass
@@ -35,6 +47,9 @@ class PullResult:
     record: object
     is_new: bool
     provenance: dict | None = None
+    version: int | None = None  # vN when the revision was a version tag or an alias of one
+    alias: str | None = None
+    claims: dict[str, float] = field(default_factory=dict)
     parents_linked: list[str] = field(default_factory=list)
     parents_missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -48,6 +63,8 @@ class PullResult:
             "base_fingerprint": getattr(rec, "base_fingerprint", None),
             "parents_linked": self.parents_linked, "parents_missing": self.parents_missing,
             "has_provenance": self.provenance is not None, "warnings": self.warnings,
+            "hub_version": f"v{self.version}" if self.version else None, "alias": self.alias,
+            "claimed_metrics": self.claims,
         }
 
 
@@ -69,23 +86,51 @@ def _git_blob_sha1(data: bytes) -> str:
     return h.hexdigest()
 
 
+def _check_siblings(info, repo_id: str) -> dict:
+    """The listing of a commit, checked before anything is downloaded: every name a safe
+    relative path, the sizes of what we will fetch bounded integers."""
+    import os
+
+    sibs = list(info.siblings or [])
+    if len(sibs) > MAX_SIBLINGS:
+        raise HubError(f"{repo_id}: the Hub lists {len(sibs)} files; refusing a listing that long")
+    out = {}
+    limits = dict(MAX_SIZES)
+    if os.environ.get("ADAPTERS_MAX_ADAPTER_BYTES", "").isdigit():
+        limits["adapter_model.safetensors"] = int(os.environ["ADAPTERS_MAX_ADAPTER_BYTES"])
+    for s in sibs:
+        check_file_name(s.rfilename, repo_id)
+        if s.rfilename in limits:
+            size = s.size
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not
+                                     0 <= size <= limits[s.rfilename]):
+                raise HubError(f"{repo_id}: the Hub lists {s.rfilename} with size {str(size)[:24]!r} "
+                               f"(at most {limits[s.rfilename]:,} bytes accepted)",
+                               "refusing to download it; set ADAPTERS_MAX_ADAPTER_BYTES for a larger adapter")
+        out[s.rfilename] = s
+    return out
+
+
 def _verify_download(folder: Path, siblings: dict, repo_id: str, commit: str) -> dict[str, str]:
-    """sha256 of each downloaded file, checked against what the Hub says it holds."""
+    """sha256 of each downloaded file, checked against what the Hub says it holds (size, hash)."""
     from ..fingerprint import file_sha256
 
     hashes = {}
     for name in (*ADAPTER_FILES, PROVENANCE_NAME):
         path = folder / name
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             continue
+        sib = siblings.get(name)
+        if sib is not None and sib.size is not None and path.stat().st_size != sib.size:
+            raise HubError(f"{repo_id}@{commit[:12]}: {name} arrived with {path.stat().st_size:,} bytes but the "
+                           f"Hub lists {sib.size:,}", "the download was corrupted or the server lies; not registered")
         digest = file_sha256(path)
         hashes[name] = digest
-        sib = siblings.get(name)
         if sib is None:
             continue
         if sib.lfs is not None and sib.lfs.sha256 != digest:
             raise HubError(f"{repo_id}@{commit[:12]}: downloaded {name} has sha256 {digest[:16]}… but the Hub "
-                           f"lists {sib.lfs.sha256[:16]}…", "the download was corrupted; run the pull again")
+                           f"lists {str(sib.lfs.sha256)[:16]!r}", "the download was corrupted; run the pull again")
         if sib.lfs is None and sib.blob_id and _git_blob_sha1(path.read_bytes()) != sib.blob_id:
             raise HubError(f"{repo_id}@{commit[:12]}: downloaded {name} does not match the Hub's blob id",
                            "the download was corrupted; run the pull again")
@@ -123,20 +168,78 @@ def same_adapter(reg, name: str, hashes: dict[str, str]):
     return None
 
 
+def _claims(api, ep, repo_id, prov, version, refs, token, registry_home, warnings: list) -> dict[str, float]:
+    """What the source claims about this version: adapterhub.json's metrics at its commit, and
+    (for a version) those logged for it later, which live in the head's adapterhub.json."""
+    from ..paths import registry_home as home
+    from .remote import ProvenanceCache, team_fields
+
+    if prov is None:
+        return {}
+    fields = team_fields(prov, f"{repo_id}/{PROVENANCE_NAME}")
+    claims = dict(fields["metrics"])
+    if version is not None and refs is not None and refs.head is not None:
+        try:
+            head = ProvenanceCache(home(registry_home)).get(api, ep, repo_id, refs.head, token)
+        except HubError as e:
+            warnings.append(f"metrics logged after the push not read: {e}")
+            head = None
+        if head is not None:
+            claims.update(team_fields(head, f"{repo_id}/{PROVENANCE_NAME}")["later_metrics"].get(version, {}))
+    return claims
+
+
 def default_name(repo_id: str) -> str:
     return repo_id.split("/", 1)[1]
 
 
+def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``ORG/NAME[@REVISION]`` or ``ORG/NAME:ALIAS`` -> (repo_id, revision, alias)."""
+    if ":" in spec and "@" not in spec:
+        from .team import check_alias
+
+        repo_id, _, alias = spec.partition(":")
+        return validate_repo_id(repo_id), None, check_alias(alias)
+    repo_id, revision = split_repo_spec(spec)
+    return repo_id, revision, None
+
+
+def resolve_version(api, repo_id: str, ep: str, revision: str | None, alias: str | None, authed: bool):
+    """(commit, N, refs) for ``@vN`` or ``:ALIAS`` (an alias resolves to its version now);
+    (None, None, None) for any other revision."""
+    from .remote import VERSION_TAG, read_refs
+
+    if alias is None and not (revision and VERSION_TAG.match(revision)):
+        return None, None, None
+    refs = read_refs(api, repo_id, ep, authenticated=authed)
+    if alias is not None:
+        commit = refs.aliases.get(alias)
+        if commit is None:
+            raise HubError(f"{repo_id} has no alias {alias!r}",
+                           f"aliases: {', '.join(sorted(refs.aliases)) or 'none'}")
+        n = refs.version_of(commit)
+        if n is None:
+            raise HubError(f"{repo_id}:{alias} points at commit {commit[:12]}, which has no version tag",
+                           "move the alias to a version with `adapters remote alias`")
+        return commit, n, refs
+    n = int(revision[1:])
+    if n not in refs.versions:
+        from .errors import RevisionNotFound
+
+        raise RevisionNotFound(repo_id, revision)
+    return refs.versions[n], n, refs
+
+
 def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, token: str | None = None,
          force: bool = False, registry_home=None) -> PullResult:
-    """Download REPO_ID[@REVISION] and register it; see the module docstring."""
+    """Download REPO_ID[@REVISION] (or REPO_ID:ALIAS) and register it; see the module docstring."""
     from huggingface_hub import snapshot_download
 
     from ..paths import registry_home as home
     from ..peft_format import load_adapter
     from ..registry.core import check_name
 
-    repo_id, revision = split_repo_spec(spec)
+    repo_id, revision, alias = parse_spec(spec)
     name = check_name(name or default_name(repo_id))  # before any download
     base_dir = Path(base).expanduser() if base is not None else None
     if base_dir is not None and not base_dir.is_dir():
@@ -146,10 +249,16 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
     tok = resolve_token(token)
     api = client(tok)
     authed = tok is not None
+    target, version, refs = resolve_version(api, repo_id, ep, revision, alias, authed)
+    if version is not None:
+        revision = f"v{version}"  # the record names the version, never the alias
     with hub_errors("repo lookup", repo_id, ep, authenticated=authed, revision=revision):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    commit = info.sha
-    siblings = {s.rfilename: s for s in (info.siblings or [])}
+        info = api.model_info(repo_id, revision=target or revision, files_metadata=True)
+    commit = check_commit_id(info.sha, repo_id)
+    if target is not None and commit != target:
+        raise HubError(f"{repo_id}: asked for commit {target[:12]}, the Hub answered for {commit[:12]}",
+                       "this server is broken or hostile; nothing was registered")
+    siblings = _check_siblings(info, repo_id)
     reason = _not_lora_reason(set(siblings))
     if reason:
         raise NotALoraRepo(repo_id, revision or "main", reason)
@@ -202,31 +311,44 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         reg = open_registry(home(registry_home))
         lineage = (prov or {}).get("lineage") or {}
         linked, missing = [], []
-        for parent in lineage.get("parents") or []:
+        parents = lineage.get("parents") if isinstance(lineage.get("parents"), list) else []
+        for parent in parents[:100]:
+            if not isinstance(parent, str) or len(parent) > 200:
+                continue
             try:
                 reg.resolve(parent)
                 linked.append(parent)
             except AdapterNotFound:
                 missing.append(parent)
-        metrics = {k: float(v) for k, v in ((prov or {}).get("metrics") or {}).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        claims = _claims(api, ep, repo_id, prov, version, refs, tok, registry_home, result_warnings)
         published = (prov or {}).get("registry") or {}
         provenance = {
             "source": "hub", "endpoint": ep, "repo_id": repo_id, "revision": revision or "main",
             "commit_id": commit, "files": {k: v for k, v in hashes.items() if k in ADAPTER_FILES},
             "published_as": published.get("ref"), "lineage": lineage, "adapterhub": prov,
+            "version": revision if version else None,
         }
         kwargs = {"base_dir": base_dir} if base_dir is not None else {"base_fingerprint": base_fp}
         rec = same_adapter(reg, name, hashes)
+        pulled_here = rec is None
         if rec is None:
-            rec = reg.register(folder, name, metrics=metrics or None,
-                               note=f"pulled from {ep}/{repo_id}@{commit[:12]}", parents=tuple(linked),
-                               provenance=provenance, **kwargs)
+            # metrics from a Hub are its claims, kept apart from what was measured here
+            rec = reg.register(folder, name, note=f"pulled from {ep}/{repo_id}@{commit[:12]}",
+                               parents=tuple(linked), provenance=provenance, **kwargs)
+        origin = getattr(rec, "origin", None) or {}
+        if pulled_here or (origin.get("repo_id") == repo_id and origin.get("endpoint") == ep):
+            src = f"{repo_id}@{revision or 'main'}"
+            if pulled_here:
+                reg.set_origin(rec, endpoint=ep, repo_id=repo_id, version=revision if version else None,
+                               commit_id=commit)
+            if claims:
+                reg.add_claims(rec, claims, source=src)
         from .push import record_hub
 
         record_hub(registry_home, rec.ref, repo_id, revision or "main", commit)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return PullResult(repo_id=repo_id, revision=revision or "main", commit_id=commit, endpoint=ep, record=rec,
-                      is_new=bool(getattr(rec, "is_new", True)), provenance=prov, parents_linked=linked,
+                      is_new=bool(getattr(rec, "is_new", True)), provenance=prov, version=version, alias=alias,
+                      claims=claims, parents_linked=linked,
                       parents_missing=missing, warnings=result_warnings)

@@ -56,6 +56,8 @@ class PushResult:
     registry_ref: str | None = None
     base_models: list[str] = field(default_factory=list)
     base_name: str | None = None  # the base as the source records it (a Hub id, or a local path)
+    version: int | None = None  # vN on the Hub: pushes to main are numbered (see hub/team.py)
+    attempts: dict | None = None  # what a race cost: {"attempts", "stale_parent", "tag_taken", "repaired"}
 
     @property
     def total_bytes(self) -> int:
@@ -168,10 +170,13 @@ def push(ref: str, repo_id: str, *, private: bool = False, revision: str | None 
     try:
         staged = work / "repo"
         result.files = stage(src, staged, repo_id, template=card_template, base_models=bases, copy=False)
-        result.commit_id, result.commit_url, result.pr_url, pr_revision, result.unchanged, result.url = _upload(
-            staged, repo_id, ep, tok, private=private, revision=revision, create_pr=create_pr,
-            commit_message=commit_message or _default_message(src),
-        )
+        up = _upload(staged, repo_id, ep, tok, private=private, revision=revision, create_pr=create_pr,
+                     commit_message=commit_message or _default_message(src), registry_home=registry_home)
+        result.commit_id, result.commit_url, result.pr_url, pr_revision, result.unchanged, result.url = up[:6]
+        if up[6] is not None:
+            result.version = up[6].version
+            result.attempts = asdict(up[6].attempts)
+            result.revision = up[6].tag
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if pr_revision:
@@ -202,10 +207,11 @@ def _default_message(src: Source) -> str:
 
 
 def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, revision: str | None,
-            create_pr: bool, commit_message: str):
+            create_pr: bool, commit_message: str, registry_home=None):
     api = client(token)
     with hub_errors("authentication", repo_id, ep):
-        user = api.whoami().get("name")
+        me = api.whoami()
+    user = me.get("name") if isinstance(me, dict) else None
     from huggingface_hub.errors import RepositoryNotFoundError
 
     # look before creating: an existing repo needs no create call (which, for a repo the
@@ -213,7 +219,7 @@ def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, r
     exists = True
     with hub_errors("repo lookup", repo_id, ep, user=user):
         try:
-            api.repo_info(repo_id)
+            info = api.repo_info(repo_id)
         except RepositoryNotFoundError:
             exists = False
     if not exists:
@@ -221,6 +227,24 @@ def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, r
             api.create_repo(repo_id, private=private, exist_ok=True)
     url = f"{ep}/{repo_id}"
     rev = revision or "main"
+    if rev == "main" and not create_pr:
+        # the team registry: a numbered version vN, committed on the head we read and tagged
+        from ..paths import registry_home as home
+        from .remote import ProvenanceCache
+        from .team import commit_version
+
+        if private and exists and info.private is False:
+            raise HubError(f"{repo_id} already exists and is public; --private cannot change that, nothing was "
+                           "uploaded", "make the repo private in its settings first, or push to a new repo")
+        v = commit_version(api, staged, repo_id, ep, token, message=commit_message,
+                           cache=ProvenanceCache(home(registry_home)))
+        orgs = [o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)]
+        if v.unchanged and repo_id.split("/")[0] not in (user, *orgs):
+            # nothing was written, so the server never said no: say it, the push did not happen
+            from .errors import PermissionDenied
+
+            raise PermissionDenied(repo_id, user)
+        return v.commit_id, f"{url}/commit/{v.commit_id}", None, None, v.unchanged, f"{url}/tree/{v.tag}", v
     if rev != "main" and not create_pr:
         with hub_errors("branch creation", repo_id, ep, user=user):
             api.create_branch(repo_id, branch=rev, exist_ok=True)
@@ -237,4 +261,4 @@ def _upload(staged: Path, repo_id: str, ep: str, token: str, *, private: bool, r
     unchanged = info.oid == before and not info.pr_url
     if rev != "main" and not create_pr:
         url = f"{url}/tree/{rev}"
-    return info.oid, info.commit_url, info.pr_url, info.pr_revision, unchanged, url
+    return info.oid, info.commit_url, info.pr_url, info.pr_revision, unchanged, url, None

@@ -1,0 +1,240 @@
+"""Reading a team namespace on a Hub: which versions and aliases a repo has (its tags),
+what ``adapterhub.json`` says at a commit, and the namespace's listing.
+
+Everything the server supplies is checked before use: tag names and commit ids,
+the listing's repo ids, the size of what arrives and the provenance file's fields
+(types, finite numbers, depth). A Hub's metrics are claims of their source.
+
+``adapterhub.json`` at a commit never changes, so it is cached by commit id under the
+registry home (``hub-cache/``): a second ``remote list`` downloads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..provenance import NAME as PROVENANCE_NAME
+from .common import REF_NAME_RE, check_commit_id, check_file_name, validate_repo_id
+from .errors import HubError, hub_errors
+
+VERSION_TAG = re.compile(r"^v([1-9][0-9]{0,8})$")  # v1 .. v999999999: the versions
+VERSION_LIKE = re.compile(r"^[vV][0-9]+$")  # reserved: never an alias (v02, V3 are ignored, not aliases)
+MAX_PROVENANCE_BYTES = 1 << 20
+MAX_REPOS = 5000  # a namespace listing longer than this is refused, not walked forever
+MAX_TAGS = 5000
+MAX_METRICS = 1000
+_FP = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$")
+
+
+def version_tag(n: int) -> str:
+    return f"v{n}"
+
+
+@dataclass
+class RepoRefs:
+    """A repo's main head, its version tags (N -> commit) and its other tags (aliases)."""
+
+    repo_id: str
+    head: str | None
+    versions: dict[int, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def latest(self) -> int:
+        return max(self.versions, default=0)
+
+    def version_of(self, commit: str) -> int | None:
+        found = [n for n, c in self.versions.items() if c == commit]
+        return min(found) if found else None
+
+    def aliases_of(self, commit: str) -> list[str]:
+        return sorted(a for a, c in self.aliases.items() if c == commit)
+
+
+def read_refs(api, repo_id: str, ep: str, *, authenticated: bool = True) -> RepoRefs:
+    """list_repo_refs, checked: every commit id is 40 hex, tag names are ones we could have
+    created (others are ignored: we never act on them), at most MAX_TAGS tags."""
+    with hub_errors("reading tags", repo_id, ep, authenticated=authenticated):
+        refs = api.list_repo_refs(repo_id)
+    tags = list(refs.tags or [])
+    if len(tags) > MAX_TAGS:
+        raise HubError(f"{repo_id}: the Hub lists {len(tags)} tags (more than {MAX_TAGS})",
+                       "refusing to walk it; is this a team registry repo?")
+    head = None
+    for b in refs.branches or []:
+        if b.name == "main":
+            head = check_commit_id(b.target_commit, repo_id, "head commit")
+    out = RepoRefs(repo_id=repo_id, head=head)
+    for t in tags:
+        if not isinstance(t.name, str) or not REF_NAME_RE.match(t.name):
+            continue
+        commit = check_commit_id(t.target_commit, repo_id, f"commit for tag {t.name!r}")
+        m = VERSION_TAG.match(t.name)
+        if m:
+            out.versions[int(m.group(1))] = commit
+        elif not VERSION_LIKE.match(t.name):
+            out.aliases[t.name] = commit
+    return out
+
+
+# -- adapterhub.json at a commit --------------------------------------------------------
+
+def _metrics(value, where: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise HubError(f"{where}: metrics must be an object of at most {MAX_METRICS} numbers")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not _KEY.match(k):
+            raise HubError(f"{where}: bad metric name {k[:40]!r}" if isinstance(k, str) else f"{where}: bad metric name")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise HubError(f"{where}: metric {k} is not a finite number ({str(v)[:20]!r})")
+        out[k] = float(v)
+    return out
+
+
+LATER_METRICS = "metrics_by_version"  # extra.metrics_by_version: {"v3": {metric: value}}, logged after a push
+
+
+def team_fields(prov: dict, where: str) -> dict:
+    """The fields a team registry acts on, from a format-2 adapterhub.json (already through
+    provenance.loads), each checked again: version (hub.version), base fingerprint, metrics
+    (at push time, and extra.metrics_by_version logged later), file hashes, the published name."""
+    hub = prov.get("hub") if isinstance(prov.get("hub"), dict) else {}
+    m = VERSION_TAG.match(hub["version"]) if isinstance(hub.get("version"), str) else None
+    if hub.get("version") is not None and m is None:
+        raise HubError(f"{where}: hub.version must be a version tag like v3")
+    version = int(m.group(1)) if m else None
+    base = prov.get("base") if isinstance(prov.get("base"), dict) else {}
+    fp = base.get("fingerprint")
+    if fp is not None and (not isinstance(fp, str) or not _FP.match(fp)):
+        raise HubError(f"{where}: base.fingerprint is not sha256:<64 hex>")
+    files = prov.get("files") if isinstance(prov.get("files"), dict) else {}
+    for name, digest in files.items():
+        check_file_name(name, where)
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise HubError(f"{where}: files[{name!r}] is not a sha256")
+    extra = prov.get("extra") if isinstance(prov.get("extra"), dict) else {}
+    later = extra.get(LATER_METRICS) if isinstance(extra.get(LATER_METRICS), dict) else {}
+    later_out = {}
+    for key, values in later.items():
+        m = VERSION_TAG.match(key) if isinstance(key, str) else None
+        if not m:
+            raise HubError(f"{where}: extra.{LATER_METRICS} keys must be version tags like v3")
+        later_out[int(m.group(1))] = _metrics(values, where)
+    reg = prov.get("registry") if isinstance(prov.get("registry"), dict) else {}
+    name = reg.get("name") if isinstance(reg.get("name"), str) and REF_NAME_RE.match(reg["name"]) else None
+    rank = prov.get("adapter", {}).get("r") if isinstance(prov.get("adapter"), dict) else None
+    return {
+        "version": version, "base_fingerprint": fp, "files": dict(files),
+        "metrics": _metrics(prov.get("metrics"), where), "later_metrics": later_out,
+        "name": name, "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+        "lineage": prov.get("lineage") if isinstance(prov.get("lineage"), dict) else {},
+    }
+
+
+def parse_strict(data: bytes, where: str) -> dict:
+    """adapterhub.json from a Hub: the provenance module's strict read (bounded size, depth and
+    count, types, finite numbers), then the team fields checked too."""
+    from .. import provenance
+
+    if len(data) > MAX_PROVENANCE_BYTES:
+        raise HubError(f"{where}: {len(data)} bytes, more than an adapterhub.json may hold")
+    try:
+        prov = provenance.loads(data, where)
+    except provenance.ProvenanceError as e:
+        raise HubError(str(e).split("\n")[0]) from None
+    team_fields(prov, where)
+    return prov
+
+
+class ProvenanceCache:
+    """adapterhub.json per (endpoint, repo, commit): immutable, so cached forever."""
+
+    def __init__(self, home: Path | None):
+        self.root = Path(home) / "hub-cache" if home is not None else None
+        self.downloads = 0
+
+    def _path(self, ep: str, repo_id: str, commit: str) -> Path | None:
+        if self.root is None:
+            return None
+        key = hashlib.sha256(f"{ep}\0{repo_id}\0{commit}".encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, api, ep: str, repo_id: str, commit: str, token: str | None) -> dict | None:
+        """The checked adapterhub.json at ``commit``, or None when the commit has none."""
+        check_commit_id(commit, repo_id)
+        path = self._path(ep, repo_id, commit)
+        where = f"{repo_id}@{commit[:12]}/{PROVENANCE_NAME}"
+        if path is not None and path.is_file():
+            data = path.read_bytes()
+            return parse_strict(data, where) if data else None
+        data = fetch_file(ep, repo_id, commit, PROVENANCE_NAME, token, MAX_PROVENANCE_BYTES)
+        self.downloads += 1
+        prov = parse_strict(data, where) if data is not None else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data or b"")
+            os.replace(tmp, path)
+        return prov
+
+
+def fetch_file(ep: str, repo_id: str, commit: str, filename: str, token: str | None,
+               max_bytes: int) -> bytes | None:
+    """One GET of a small file at a commit; None when the commit has no such file. The body
+    may not exceed ``max_bytes`` and must be exactly as long as the server declared."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    from .common import install_timeout
+
+    install_timeout()
+    url = hf_hub_url(repo_id, filename, revision=commit, endpoint=ep)
+    headers = build_hf_headers(token=token, library_name="adapterhub-local")
+    where = f"{repo_id}@{commit[:12]}/{filename}"
+    with hub_errors(f"downloading {filename}", repo_id, ep, authenticated=token is not None, revision=commit):
+        with get_session().stream("GET", url, headers=headers) as r:
+            if r.status_code == 404 and r.headers.get("X-Error-Code") == "EntryNotFound":
+                return None
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            declared = r.headers.get("Content-Length")
+            if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+                raise HubError(f"{where}: the server announces {declared[:20]!r} bytes (at most {max_bytes})")
+            buf = bytearray()
+            for chunk in r.iter_bytes():
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise HubError(f"{where}: more than {max_bytes} bytes arrived")
+            if declared is not None and int(declared) != len(buf):
+                raise HubError(f"{where}: {len(buf)} bytes arrived, the server announced {declared}")
+    return bytes(buf)
+
+
+def list_team_repos(api, org: str, ep: str, tag: str) -> list[str]:
+    """Repo ids in ``org`` carrying our card tag (plain PEFT repos are left out), checked."""
+    validate_repo_id(f"{org}/x")
+    out = []
+    with hub_errors("listing the namespace", org, ep):
+        for i, m in enumerate(api.list_models(author=org, filter=tag)):
+            if i >= MAX_REPOS:
+                raise HubError(f"{org}: the Hub lists more than {MAX_REPOS} repos tagged {tag}",
+                               "refusing to walk a listing that long")
+            rid = getattr(m, "id", None)
+            try:
+                validate_repo_id(rid)
+            except HubError:
+                continue
+            if rid.split("/")[0] == org and rid not in out:
+                out.append(rid)
+    return sorted(out)

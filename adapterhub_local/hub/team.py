@@ -1,0 +1,299 @@
+"""A Hub namespace as a team's registry: race-free versions, aliases, metrics.
+
+Versions are tags ``vN`` on commits of ``main``; aliases are other tags; metrics
+travel in ``adapterhub.json``. The protocol rests on two things the Hub refuses
+(both verified against huggingface_hub 2.4's source, hf_api.py):
+
+- ``create_commit(parent_commit=HEAD)`` is refused with HTTP 412 when main moved
+  since HEAD was read (``parent_commit`` docs, hf_api.py ~5096; the Hub answers
+  "A commit has happened since. Please refresh and try again.");
+- ``create_tag`` on an existing tag is HTTP 409 (hf_api.py ~7150: only
+  ``exist_ok=True`` swallows it, which we never pass: it would hide a collision).
+
+A push (``commit_version``) reads the refs and the head's adapterhub.json, takes
+N = 1 + max(highest vN tag, the version the head's adapterhub.json claims), writes
+N into adapterhub.json and commits on the head it read. Commits are serialised by
+the parent check, and each version commit names its number, so two pushers can
+never both commit "v7": the second one's commit is refused (412), re-reads, and
+becomes v8. The tag follows the commit; a crash in between leaves an untagged
+version commit at the head, which the next push or ``sync`` tags (a 409 there
+means someone else did it first: fine when the tag points at that commit).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import provenance
+from ..provenance import NAME as PROVENANCE_NAME
+from .common import REF_NAME_RE, check_commit_id, client, endpoint, resolve_token, validate_repo_id
+from .errors import HubError, NoToken, hub_errors
+from .remote import (
+    LATER_METRICS,
+    VERSION_LIKE,
+    VERSION_TAG,
+    ProvenanceCache,
+    RepoRefs,
+    read_refs,
+    team_fields,
+    version_tag,
+)
+
+MAX_ATTEMPTS = 40
+
+
+@dataclass
+class Attempts:
+    """What a race cost: commits refused on a stale parent (412), tags already taken (409)."""
+
+    attempts: int = 0
+    stale_parent: int = 0
+    tag_taken: int = 0
+    repaired: list[int] = field(default_factory=list)
+
+
+@dataclass
+class VersionResult:
+    repo_id: str
+    version: int
+    commit_id: str
+    unchanged: bool
+    attempts: Attempts
+
+    @property
+    def tag(self) -> str:
+        return version_tag(self.version)
+
+
+def _status(err) -> int | None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError) and getattr(err, "response", None) is not None:
+        return err.response.status_code
+    return None
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0.01, 0.05) * min(attempt, 10))
+
+
+def create_tag(api, repo_id: str, ep: str, tag: str, commit: str) -> bool:
+    """Tag ``commit``; True when the tag now points there (made by us or by someone else),
+    False when the name is taken by another commit."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with hub_errors(f"creating tag {tag}", repo_id, ep):
+        try:
+            api.create_tag(repo_id, tag=tag, revision=commit)
+            return True
+        except HfHubHTTPError as e:
+            if _status(e) != 409:
+                raise
+    refs = read_refs(api, repo_id, ep)
+    m = VERSION_TAG.match(tag)
+    return (refs.versions.get(int(m.group(1))) if m else refs.aliases.get(tag)) == commit
+
+
+def head_state(api, repo_id: str, ep: str, cache: ProvenanceCache, token: str | None):
+    """(refs, raw head adapterhub.json or None, its checked team fields or None)."""
+    refs = read_refs(api, repo_id, ep)
+    if refs.head is None:
+        raise HubError(f"{repo_id} has no main branch")
+    prov = cache.get(api, ep, repo_id, refs.head, token)
+    fields = team_fields(prov, f"{repo_id}@{refs.head[:12]}/{PROVENANCE_NAME}") if prov else None
+    return refs, prov, fields
+
+
+def repair_head(api, repo_id: str, ep: str, refs: RepoRefs, fields: dict | None, stats: Attempts) -> None:
+    """The head claims version K but no tag vK exists: a push that died (or is about to
+    tag) between its commit and its tag. Tag it; if someone else did, fine."""
+    k = (fields or {}).get("version")
+    if k is None or k in refs.versions:
+        return
+    if create_tag(api, repo_id, ep, version_tag(k), refs.head):
+        refs.versions[k] = refs.head
+        stats.repaired.append(k)
+    else:
+        stats.tag_taken += 1
+
+
+def commit_version(api, staged: Path, repo_id: str, ep: str, token: str | None, *, message: str,
+                   cache: ProvenanceCache) -> VersionResult:
+    """Commit the staged folder as the next version of ``repo_id`` and tag it (see module doc)."""
+    from huggingface_hub import CommitOperationAdd
+
+    base = provenance.read(staged / PROVENANCE_NAME)
+    ours = base.get("files") or {}
+    stats = Attempts()
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        stats.attempts = attempt
+        refs, head_prov, fields = head_state(api, repo_id, ep, cache, token)
+        repair_head(api, repo_id, ep, refs, fields, stats)
+        k = (fields or {}).get("version")
+        if fields and fields["files"] == ours and k in refs.versions:
+            return VersionResult(repo_id, k, refs.versions[k], True, stats)
+        n = max(refs.latest, k or 0) + 1
+        carried = ((head_prov or {}).get("extra") or {}).get(LATER_METRICS) or {}
+        extra = {**(base.get("extra") or {}), **({LATER_METRICS: carried} if carried else {})}
+        prov = {**base, "hub": {"repo_id": repo_id, "version": version_tag(n)}, "extra": extra}
+        provenance.write(staged, prov)
+        ops = [CommitOperationAdd(path_in_repo=p.relative_to(staged).as_posix(), path_or_fileobj=str(p))
+               for p in sorted(staged.rglob("*")) if p.is_file()]
+        from huggingface_hub.errors import HfHubHTTPError
+
+        with hub_errors("upload", repo_id, ep, resumable=True):
+            try:
+                info = api.create_commit(repo_id, ops, commit_message=f"{message} as {version_tag(n)}",
+                                         parent_commit=refs.head)
+            except HfHubHTTPError as e:
+                if _status(e) != 412:
+                    raise
+                stats.stale_parent += 1
+                info = None
+        if info is None:
+            _backoff(attempt)
+            continue
+        commit = check_commit_id(info.oid, repo_id)
+        if create_tag(api, repo_id, ep, version_tag(n), commit):
+            return VersionResult(repo_id, n, commit, False, stats)
+        stats.tag_taken += 1  # vN went to another commit: our commit stays untagged; go again as N+1
+        _backoff(attempt)
+    raise HubError(f"{repo_id}: gave up after {MAX_ATTEMPTS} attempts: others keep pushing at the same moment",
+                   "run the same command again")
+
+
+# -- aliases -------------------------------------------------------------------------------
+
+def check_alias(alias: str) -> str:
+    if not isinstance(alias, str) or not REF_NAME_RE.match(alias):
+        raise HubError(f"bad alias {alias!r}", "use letters, digits, '.', '_' and '-'")
+    if VERSION_LIKE.match(alias) or alias in ("main", "latest"):
+        raise HubError(f"{alias!r} is reserved", "names like v3 are versions; pick another alias name")
+    return alias
+
+
+def parse_version(text: str) -> int:
+    m = VERSION_TAG.match(str(text).strip())
+    if not m:
+        raise HubError(f"bad version {text!r}", "give a version tag like v3")
+    return int(m.group(1))
+
+
+def set_alias(repo_id: str, alias: str, version: str | None, *, remove: bool = False,
+              token: str | None = None) -> dict:
+    """Point the tag ALIAS at vN's commit (delete, then create; retried on 409), or remove it."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    validate_repo_id(repo_id)
+    check_alias(alias)
+    n = None if remove else parse_version(version or "")
+    ep, tok = endpoint(), resolve_token(token)
+    if not tok:
+        raise NoToken(ep)
+    api = client(tok)
+    refs = read_refs(api, repo_id, ep)
+    was = refs.aliases.get(alias)
+    was_v = refs.version_of(was) if was else None
+    if remove:
+        if was is None:
+            raise HubError(f"{repo_id} has no alias {alias!r}",
+                           f"aliases: {', '.join(sorted(refs.aliases)) or 'none'}")
+        with hub_errors(f"deleting tag {alias}", repo_id, ep):
+            api.delete_tag(repo_id, tag=alias)
+        return {"repo_id": repo_id, "alias": alias, "removed": True, "was": was_v and version_tag(was_v)}
+    commit = refs.versions.get(n)
+    if commit is None:
+        raise HubError(f"{repo_id} has no version {version_tag(n)}",
+                       f"latest is {version_tag(refs.latest)}" if refs.latest else "push a version first")
+    for _ in range(MAX_ATTEMPTS):
+        if refs.aliases.get(alias) == commit:
+            break
+        if alias in refs.aliases:
+            with hub_errors(f"deleting tag {alias}", repo_id, ep):
+                try:
+                    api.delete_tag(repo_id, tag=alias)
+                except HfHubHTTPError as e:
+                    if _status(e) != 404:  # someone else deleted it first: fine
+                        raise
+        if create_tag(api, repo_id, ep, alias, commit):
+            break
+        refs = read_refs(api, repo_id, ep)  # someone re-created it meanwhile: look again
+    else:
+        raise HubError(f"{repo_id}: could not move {alias}: others keep moving it", "run it again")
+    return {"repo_id": repo_id, "alias": alias, "version": version_tag(n), "commit_id": commit,
+            "was": was_v and version_tag(was_v), "removed": False}
+
+
+# -- metrics after a push --------------------------------------------------------------
+
+def push_metrics(repo_id: str, n: int, metrics: dict[str, float], *, token: str | None = None,
+                 registry_home=None) -> dict:
+    """Record metrics of vN in the head's adapterhub.json (team.metrics.vN): a small commit on
+    the head we read (412 -> again), not a new version."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ..paths import registry_home as home
+
+    ep, tok = endpoint(), resolve_token(token)
+    if not tok:
+        raise NoToken(ep)
+    api = client(tok)
+    cache = ProvenanceCache(home(registry_home))
+    stats = Attempts()
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        stats.attempts = attempt
+        refs, prov, fields = head_state(api, repo_id, ep, cache, tok)
+        if n not in refs.versions:
+            raise HubError(f"{repo_id} has no version {version_tag(n)}")
+        if prov is None:
+            raise HubError(f"{repo_id} holds no adapterhub.json", "push a version with `adapters push` first")
+        repair_head(api, repo_id, ep, refs, fields, stats)
+        extra = dict(prov.get("extra") or {})
+        later = dict(extra.get(LATER_METRICS) or {})
+        merged = {**(later.get(version_tag(n)) or {}), **metrics}
+        if later.get(version_tag(n)) == merged:
+            return {"repo_id": repo_id, "version": version_tag(n), "commit_id": refs.head, "unchanged": True}
+        later[version_tag(n)] = merged
+        new = {**prov, "extra": {**extra, LATER_METRICS: later}}
+        op = CommitOperationAdd(path_in_repo=PROVENANCE_NAME, path_or_fileobj=provenance.dumps(new).encode())
+        with hub_errors("commit", repo_id, ep):
+            try:
+                info = api.create_commit(repo_id, [op], parent_commit=refs.head,
+                                         commit_message=f"metrics for {version_tag(n)}: "
+                                         + ", ".join(f"{k}={v:g}" for k, v in sorted(metrics.items())))
+            except HfHubHTTPError as e:
+                if _status(e) != 412:
+                    raise
+                stats.stale_parent += 1
+                info = None
+        if info is not None:
+            return {"repo_id": repo_id, "version": version_tag(n), "commit_id": check_commit_id(info.oid, repo_id),
+                    "unchanged": False, "retries": stats.stale_parent}
+        _backoff(attempt)
+    raise HubError(f"{repo_id}: gave up after {MAX_ATTEMPTS} attempts", "run the same command again")
+
+
+def push_logged_metrics(rec, metrics: dict[str, float], *, split: str | None = None,
+                        token: str | None = None, registry_home=None) -> list[dict]:
+    """`log-metric --push`: the values just logged on ``rec``, to every repo it is a version of
+    (pushed from here as vN, or pulled from there as vN)."""
+    from ..registry.annotate import metric_key
+
+    targets = []
+    for h in rec.hub or []:
+        m = VERSION_TAG.match(h.get("revision") or "")
+        if m and (h["repo_id"], int(m.group(1))) not in targets:
+            targets.append((h["repo_id"], int(m.group(1))))
+    o = getattr(rec, "origin", None) or {}
+    m = VERSION_TAG.match(o.get("version") or "")
+    if m and (o["repo_id"], int(m.group(1))) not in targets:
+        targets.append((o["repo_id"], int(m.group(1))))
+    if not targets:
+        raise HubError(f"{rec.ref} is no version on a Hub: it was never pushed to a repo's main branch",
+                       f"push it first: adapters push {rec.ref} ORG/NAME (the metrics were recorded locally)")
+    flat = {metric_key(k, split): v for k, v in metrics.items()}
+    return [push_metrics(repo, n, flat, token=token, registry_home=registry_home) for repo, n in targets]
