@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError, AdapterNotFound, BaseMismatch, InvalidAdapter, ShapeMismatch
+from ..provenance import MAX_BYTES as MAX_PROV_BYTES
 from ..provenance import NAME as PROVENANCE_NAME
 from ..provenance import read as read_provenance
 from .common import (
@@ -34,7 +35,7 @@ from .errors import HubError, NotALoraRepo, hub_errors
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # what a server may announce for the files we download (ADAPTERS_MAX_ADAPTER_BYTES raises the first)
-MAX_SIZES = {"adapter_model.safetensors": 64 << 30, "adapter_config.json": 1 << 20, PROVENANCE_NAME: 1 << 20}
+MAX_SIZES = {"adapter_model.safetensors": 64 << 30, "adapter_config.json": 1 << 20, PROVENANCE_NAME: MAX_PROV_BYTES}
 MAX_SIBLINGS = 100_000
 
 
@@ -101,14 +102,24 @@ def _check_siblings(info, repo_id: str) -> dict:
     for s in sibs:
         check_file_name(s.rfilename, repo_id)
         if s.rfilename in limits:
-            size = s.size
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not
-                                     0 <= size <= limits[s.rfilename]):
-                raise HubError(f"{repo_id}: the Hub lists {s.rfilename} with size {str(size)[:24]!r} "
-                               f"(at most {limits[s.rfilename]:,} bytes accepted)",
-                               "refusing to download it; set ADAPTERS_MAX_ADAPTER_BYTES for a larger adapter")
+            size, limit = s.size, limits[s.rfilename]
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+                raise HubError(f"{repo_id}: the Hub lists {s.rfilename} with an invalid size {str(size)[:24]!r}",
+                               "refusing the repo; this server is broken or hostile")
+            if size is not None and size > limit:
+                hint = ("set ADAPTERS_MAX_ADAPTER_BYTES for a larger adapter" if s.rfilename == ADAPTER_FILES[1]
+                        else "refusing to download it")
+                raise HubError(f"{repo_id}: the Hub lists {s.rfilename}: larger than {_size(limit)} "
+                               f"({size:,} bytes)", hint)
         out[s.rfilename] = s
     return out
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n:,} bytes"
 
 
 def _verify_download(folder: Path, siblings: dict, repo_id: str, commit: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ from .errors import HubError, hub_errors
 
 VERSION_TAG = re.compile(r"^v([1-9][0-9]{0,8})$")  # v1 .. v999999999: the versions
 VERSION_LIKE = re.compile(r"^[vV][0-9]+$")  # reserved: never an alias (v02, V3 are ignored, not aliases)
-MAX_PROVENANCE_BYTES = 1 << 20
+MAX_PROVENANCE_BYTES = 4 << 20  # provenance.MAX_BYTES: the one bound on an adapterhub.json
 MAX_REPOS = 5000  # a namespace listing longer than this is refused, not walked forever
 MAX_TAGS = 5000
 MAX_METRICS = 1000
