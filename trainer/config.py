@@ -29,6 +29,7 @@ class TrainConfig:
     dropout: float = 0.05
     targets: str | list[str] = "q_proj,v_proj"  # or "all-linear"
     rslora: bool = False
+    dora: bool = False  # PEFT's use_dora (lora_layers.LoraLayer)
     # optimisation
     lr: float = 2e-4
     schedule: str = "cosine"
@@ -128,7 +129,8 @@ class TrainConfig:
     @property
     def lora_hyperparameters(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "targets": ",".join(self.targets), "rslora": self.rslora}
+                "targets": ",".join(self.targets), "rslora": self.rslora,
+                **({"dora": True} if self.dora else {})}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -142,7 +144,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     # what must match between a checkpoint and a --resume run for it to continue exactly
-    RESUME_KEYS = ("rank", "alpha", "dropout", "targets", "rslora", "lr", "schedule", "warmup",
+    RESUME_KEYS = ("rank", "alpha", "dropout", "targets", "rslora", "dora", "lr", "schedule", "warmup",
                    "min_lr_ratio", "weight_decay", "betas", "eps", "max_grad_norm", "batch_size",
                    "grad_accum", "seq_len", "packing", "group_by_length", "seed", "epochs",
                    "max_steps", "bf16")

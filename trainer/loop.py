@@ -296,7 +296,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, on_step) -> TrainRes
         torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)  # A's init: same draws as PEFT's get_peft_model
     random.seed(cfg.seed)
-    layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, dora=cfg.dora)
     for layer in layers.values():
         layer.to(device)
     if cfg.grad_checkpointing:

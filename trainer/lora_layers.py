@@ -11,6 +11,13 @@ from the RNG (A and B are built as ``nn.Linear`` first, then A is re-drawn
 with kaiming-uniform(a=√5) and B zeroed): for the same seed our adapter starts
 bit-identical to ``get_peft_model``'s. Embeddings follow PEFT too: A = 0,
 B ~ N(0, 1).
+
+DoRA (``dora=True``, PEFT's ``use_dora``) adds a trainable magnitude m per output feature,
+initialised as PEFT does to ‖W + s·B·A‖ (= ‖W‖ row-wise, B being zero; peft/tuners/lora/dora.py,
+DoraLinearLayer.update_layer / get_weight_norm), and computes PEFT's forward
+(DoraLinearLayer.forward): with g = m / ‖W + s·B·A‖ (the norm detached from the graph),
+y = base(x) + (g − 1)·(W x) + g·s·B(A(dropout(x))), where W x excludes the base bias and is
+recomputed on the dropped-out input when dropout is active in training.
 """
 
 from __future__ import annotations
@@ -53,11 +60,14 @@ class LoraLayer(nn.Module):
     """Wraps one Linear / Conv1D / Embedding. ``enabled=False`` gives the base output."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, dora: bool = False):
         super().__init__()
         kind = _kind(base)
         if kind is None:
             raise TargetError(f"cannot put LoRA on a {type(base).__name__}")
+        if dora and kind == "embedding":
+            raise TargetError("DoRA training on an Embedding is not supported",
+                              "target Linear / Conv1D layers with --dora")
         self.base_layer = base
         self.kind = kind
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
@@ -79,14 +89,27 @@ class LoraLayer(nn.Module):
             self.lora_B = nn.Linear(r, out, bias=False)
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector = None
         for p in self.lora_parameters():
             p.data = p.data.to(device=w.device, dtype=torch.float32)
+        if dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector = nn.Parameter(self._weight_norm())
         base.requires_grad_(False)
+
+    def _weight_norm(self) -> torch.Tensor:
+        """‖W + s·B·A‖ per output feature, float32 (PEFT's get_weight_norm, weight (out, in))."""
+        w = self.base_layer.weight.float()
+        if self.kind == "conv1d":
+            w = w.T
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return torch.linalg.norm(w + self.scale * (b @ a), dim=1)
 
     def lora_parameters(self) -> list[nn.Parameter]:
         if self.kind == "embedding":
             return [self.lora_embedding_A, self.lora_embedding_B]
-        return [self.lora_A.weight, self.lora_B.weight]
+        mag = [self.lora_magnitude_vector] if self.lora_magnitude_vector is not None else []
+        return [self.lora_A.weight, self.lora_B.weight, *mag]
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,9 +133,25 @@ class LoraLayer(nn.Module):
         h = self.lora_dropout(x)
         if h.dtype != a.dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(a.dtype)
+        if self.lora_magnitude_vector is not None:
+            return result + self._dora_extra(x, h, result).to(result.dtype)
         # s·B(A x) with s applied to the r-wide intermediate: same product, r/out of the work
         lora = self.lora_B(self.lora_A(h) * self.scale)
         return result + lora.to(result.dtype)
+
+    def _dora_extra(self, x, h, result):
+        """PEFT's DoraLinearLayer.forward: (g − 1)·(W x) + g·s·B(A(h)), g = m / ‖W + s·B·A‖."""
+        g = self.lora_magnitude_vector / self._weight_norm().detach()
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = result
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base = base - bias
+        else:  # dropout active: W applied to the dropped-out input, as PEFT does
+            w = self.base_layer.weight
+            base = nn.functional.linear(h.to(w.dtype), w.T if self.kind == "conv1d" else w)
+        lora = self.lora_B(self.lora_A(h)) * self.scale
+        return (g - 1) * base.to(g.dtype) + g * lora
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}"
@@ -173,7 +212,7 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
 
 def inject_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                 use_rslora: bool = False, rank_pattern: dict | None = None,
-                alpha_pattern: dict | None = None) -> dict[str, LoraLayer]:
+                alpha_pattern: dict | None = None, dora: bool = False) -> dict[str, LoraLayer]:
     """Freeze every base parameter and wrap the target modules; returns {name: LoraLayer}."""
     if r <= 0:
         raise TargetError(f"--rank must be positive, got {r}")
@@ -189,7 +228,7 @@ def inject_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropo
         if isinstance(base, LoraLayer):
             raise TargetError(f"{name} already has a LoRA layer")
         mr, ma = module_rank_alpha(cfg, name)
-        layer = LoraLayer(base, mr, ma, dropout, use_rslora)
+        layer = LoraLayer(base, mr, ma, dropout, use_rslora, dora=dora)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
@@ -225,6 +264,9 @@ def extract_adapter(model: nn.Module, *, base_model_name_or_path: str | None = N
     alpha_pattern = {n: l.alpha for n, l in layers.items() if l.alpha != alpha}
     kinds = {l.kind for l in layers.values()}
     fifo = "conv1d" in kinds
+    dora = {l.lora_magnitude_vector is not None for l in layers.values()}
+    if len(dora) > 1:
+        raise TargetError("cannot save DoRA and plain LoRA layers in one PEFT adapter")
     if fifo and "linear" in kinds:
         # PEFT keeps one fan_in_fan_out per config; mixing would make the folder lie
         raise TargetError("cannot save LoRA on both Linear and Conv1D layers in one PEFT adapter",
@@ -240,7 +282,7 @@ def extract_adapter(model: nn.Module, *, base_model_name_or_path: str | None = N
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
         use_rslora=rslora, fan_in_fan_out=fifo, rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, base_model_name_or_path=base_model_name_or_path,
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM", use_dora=dora.pop(),
     )
     modules = {}
     for name, layer in layers.items():
@@ -250,14 +292,13 @@ def extract_adapter(model: nn.Module, *, base_model_name_or_path: str | None = N
             B=b.detach().to("cpu", dtype).contiguous().clone(), scale=layer.scale,
             kind="embedding" if layer.kind == "embedding" else "linear",
             fan_in_fan_out=layer.kind == "conv1d", r=layer.r, alpha=layer.alpha,
+            magnitude=None if layer.lora_magnitude_vector is None else
+            layer.lora_magnitude_vector.detach().to("cpu", dtype).contiguous().clone(),
         )
     return LoraAdapter(config=cfg, modules=modules)
 
 
 def _check_compatible(model: nn.Module, adapter: LoraAdapter) -> None:
-    if adapter.dora_modules:
-        raise TargetError("DoRA adapter: applying it to a model in memory is not supported yet",
-                          "merge it into the base: adapters merge BASE_DIR REF --out DIR")
     for name, mod in adapter.modules.items():
         try:
             base = model.get_submodule(name)
@@ -290,6 +331,11 @@ def load_lora_weights(model: nn.Module, adapter: LoraAdapter) -> None:
                                     tuple(mod.A.shape) + tuple(mod.B.shape))
             a.copy_(as_torch(mod.A))
             b.copy_(as_torch(mod.B))
+            mag = layers[name].lora_magnitude_vector
+            if (mag is None) != (mod.magnitude is None):
+                raise TargetError(f"{name}: adapter and model disagree on DoRA")
+            if mag is not None:
+                mag.copy_(as_torch(mod.magnitude))
 
 
 def apply_adapter(model: nn.Module, adapter: LoraAdapter, dropout: float = 0.0) -> dict[str, LoraLayer]:
@@ -312,13 +358,18 @@ def apply_adapter(model: nn.Module, adapter: LoraAdapter, dropout: float = 0.0) 
         if isinstance(base, LoraLayer):
             raise TargetError(f"{name} already has a LoRA layer", "remove_adapter(model) first")
         rslora = bool(adapter.config.get("use_rslora"))
+        if mod.magnitude is not None and mod.kind == "embedding":
+            raise TargetError(f"{name}: applying a DoRA embedding in memory is not supported",
+                              "merge it into the base: adapters merge BASE_DIR REF --out DIR")
         layer = LoraLayer(base, mod.rank, mod.alpha if mod.alpha is not None else mod.rank,
-                          dropout, rslora)
+                          dropout, rslora, dora=mod.magnitude is not None)
         layer.scale = mod.scale  # trust the adapter's own scaling (rank/alpha patterns)
         with torch.no_grad():
             a, b = layer.factors
             a.copy_(as_torch(mod.A).to(torch.float32))
             b.copy_(as_torch(mod.B).to(torch.float32))
+            if mod.magnitude is not None:
+                layer.lora_magnitude_vector.copy_(as_torch(mod.magnitude).to(torch.float32))
         layer.requires_grad_(False)
         setattr(parent, child, layer)
         layers[name] = layer

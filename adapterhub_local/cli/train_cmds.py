@@ -46,6 +46,8 @@ def _warmup(ctx, param, value):
 @click.option("--targets", default="q_proj,v_proj", show_default=True,
               help="Comma-separated module names to adapt, or all-linear.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/sqrt(r).")
+@click.option("--dora", is_flag=True, help="DoRA (PEFT's use_dora): a trained magnitude per output feature; "
+              "merges into a base, not with other adapters.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
               help="Peak learning rate (AdamW).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
@@ -90,7 +92,7 @@ def _warmup(ctx, param, value):
               help="Extra registry tag (repeatable).")
 @json_option
 @click.pass_obj
-def train(app, base_dir, data, eval_path, name, out, rank, alpha, dropout, targets, rslora, lr,
+def train(app, base_dir, data, eval_path, name, out, rank, alpha, dropout, targets, rslora, dora, lr,
           schedule, warmup, min_lr_ratio, epochs, max_steps, batch_size, grad_accum, seq_len, packing,
           group_by_length, bf16, grad_checkpointing, onednn, weight_decay, max_grad_norm, eval_every,
           save_every, save_total_limit, resume, seed, no_register, overwrite, threads, device, note,
@@ -126,7 +128,7 @@ def train(app, base_dir, data, eval_path, name, out, rank, alpha, dropout, targe
         hf_logging.disable_progress_bar()
     cfg = TrainConfig(
         base=base_dir, data=data, eval=eval_path, name=name, out=out, rank=rank, alpha=alpha,
-        dropout=dropout, targets=targets, rslora=rslora, lr=lr, schedule=schedule, warmup=warmup,
+        dropout=dropout, targets=targets, rslora=rslora, dora=dora, lr=lr, schedule=schedule, warmup=warmup,
         min_lr_ratio=min_lr_ratio, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, packing=packing, group_by_length=group_by_length,
         bf16=bf16, grad_checkpointing=grad_checkpointing, onednn=onednn, weight_decay=weight_decay,
