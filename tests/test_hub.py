@@ -202,7 +202,7 @@ def test_push_adapter_ref_card_metrics_and_hub_record(hub_env, base_dir, adapter
     assert prov["metrics"] == {"eval_loss": 1.25, "eval_accuracy": 0.5}
     assert prov["adapter"]["r"] == 4
     # a push to main is the repo's next numbered version: v1, tagged on its commit
-    assert prov["hub"] == {"repo_id": "alice/support-lora", "version": "v1"}
+    assert prov["team"] == {"repo_id": "alice/support-lora", "version": 1, "metrics": {}}
     assert hub_env.tags("alice/support-lora") == {"v1": head}
 
     shown = json.loads(ok("show", "support", "--json"))
@@ -390,11 +390,11 @@ def test_dry_run_touches_no_network(hub_env, base_dir, adapter_dir, tmp_path, mo
     ok("push", "support@1", "alice/preview")
     pushed = hub_env.files("alice/preview")
     staged = {p.name: p.read_bytes() for p in out_dir.iterdir()}
-    # except the version number, which only the Hub's tags can give (adapterhub.json's "hub")
+    # except the version number, which only the Hub's tags can give (adapterhub.json's "team")
     prov = json.loads(pushed.pop("adapterhub.json"))
     staged_prov = json.loads(staged.pop("adapterhub.json"))
-    assert prov.pop("hub") == {"repo_id": "alice/preview", "version": "v1"}
-    staged_prov.pop("hub")
+    assert prov.pop("team") == {"repo_id": "alice/preview", "version": 1, "metrics": {}}
+    staged_prov.pop("team")
     assert prov == staged_prov
     assert pushed == {".gitattributes": pushed[".gitattributes"], **staged}
 

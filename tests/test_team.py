@@ -256,7 +256,7 @@ def test_remote_list_calls_and_cache(env, models, tmp_path):
                                   "base": {"fingerprint": "sha256:" + "ab" * 32}, "metrics": {"acc": 0.5}}))
     card = b"---\nlibrary_name: peft\ntags: [peft, lora, adapterhub-local]\n---\n# x\n"
     for i in range(100):
-        prov["hub"] = {"repo_id": f"{org}/a{i:03d}", "version": "v1"}
+        prov["team"] = {"repo_id": f"{org}/a{i:03d}", "version": 1}
         prov["metrics"] = {"acc": i / 100}
         commit = env.add_repo(f"{org}/a{i:03d}", {"README.md": card, "adapterhub.json": json.dumps(prov).encode()},
                               owner=org)
@@ -324,7 +324,7 @@ def test_concurrent_pushes_get_distinct_gap_free_versions(env, models, tmp_path)
         files = env.files(repo, commit)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             assert files[name] == (d / name).read_bytes()  # exactly this push's bytes
-        assert json.loads(files["adapterhub.json"])["hub"]["version"] == f"v{r['version']}"
+        assert json.loads(files["adapterhub.json"])["team"]["version"] == r["version"]
     stale = sum(r["attempts"]["stale_parent"] for r in results)
     taken = sum(r["attempts"]["tag_taken"] for r in results)
     assert stale >= 1  # they really overlapped: someone's commit was refused on a stale head

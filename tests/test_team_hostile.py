@@ -89,9 +89,9 @@ def test_lying_hashes_and_sizes(env, published, capsys):
 BAD_PROVENANCE = {
     "nan metric": b'{"format": "adapterhub-local/provenance", "format_version": 2, "metrics": {"acc": NaN}}',
     "huge metric": b'{"format": "adapterhub-local/provenance", "format_version": 2, "metrics": {"acc": 1e999}}',
-    "string version": b'{"format": "adapterhub-local/provenance", "format_version": 2, "hub": {"version": 1}}',
+    "string version": b'{"format": "adapterhub-local/provenance", "format_version": 2, "team": {"version": "1"}}',
     "bad later metrics": b'{"format": "adapterhub-local/provenance", "format_version": 2, '
-                         b'"extra": {"metrics_by_version": {"prod": {"acc": 1}}}}',
+                         b'"team": {"metrics": {"prod": {"acc": 1}}}}',
     "bad fingerprint": b'{"format": "adapterhub-local/provenance", "format_version": 2, '
                        b'"base": {"fingerprint": "sha256:../../x"}}',
     "deep": b'{"format": "adapterhub-local/provenance", "format_version": 2, "x": ' + b"[" * 5000 + b"]" * 5000

@@ -101,18 +101,14 @@ def _metrics(value, where: str) -> dict[str, float]:
     return out
 
 
-LATER_METRICS = "metrics_by_version"  # extra.metrics_by_version: {"v3": {metric: value}}, logged after a push
-
-
 def team_fields(prov: dict, where: str) -> dict:
     """The fields a team registry acts on, from a format-2 adapterhub.json (already through
-    provenance.loads), each checked again: version (hub.version), base fingerprint, metrics
-    (at push time, and extra.metrics_by_version logged later), file hashes, the published name."""
-    hub = prov.get("hub") if isinstance(prov.get("hub"), dict) else {}
-    m = VERSION_TAG.match(hub["version"]) if isinstance(hub.get("version"), str) else None
-    if hub.get("version") is not None and m is None:
-        raise HubError(f"{where}: hub.version must be a version tag like v3")
-    version = int(m.group(1)) if m else None
+    provenance.loads), each checked again: version (team.version), base fingerprint, metrics
+    (at push time, and team.metrics: those logged later, per vN), file hashes, the name."""
+    team = prov.get("team") if isinstance(prov.get("team"), dict) else {}
+    version = team.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 10**9):
+        raise HubError(f"{where}: team.version must be a positive integer")
     base = prov.get("base") if isinstance(prov.get("base"), dict) else {}
     fp = base.get("fingerprint")
     if fp is not None and (not isinstance(fp, str) or not _FP.match(fp)):
@@ -122,13 +118,12 @@ def team_fields(prov: dict, where: str) -> dict:
         check_file_name(name, where)
         if not isinstance(digest, str) or not _HEX64.match(digest):
             raise HubError(f"{where}: files[{name!r}] is not a sha256")
-    extra = prov.get("extra") if isinstance(prov.get("extra"), dict) else {}
-    later = extra.get(LATER_METRICS) if isinstance(extra.get(LATER_METRICS), dict) else {}
+    later = team.get("metrics") if isinstance(team.get("metrics"), dict) else {}
     later_out = {}
     for key, values in later.items():
         m = VERSION_TAG.match(key) if isinstance(key, str) else None
         if not m:
-            raise HubError(f"{where}: extra.{LATER_METRICS} keys must be version tags like v3")
+            raise HubError(f"{where}: team.metrics keys must be version tags like v3")
         later_out[int(m.group(1))] = _metrics(values, where)
     reg = prov.get("registry") if isinstance(prov.get("registry"), dict) else {}
     name = reg.get("name") if isinstance(reg.get("name"), str) and REF_NAME_RE.match(reg["name"]) else None

@@ -32,7 +32,6 @@ from ..provenance import NAME as PROVENANCE_NAME
 from .common import REF_NAME_RE, check_commit_id, client, endpoint, resolve_token, validate_repo_id
 from .errors import HubError, NoToken, hub_errors
 from .remote import (
-    LATER_METRICS,
     VERSION_LIKE,
     VERSION_TAG,
     ProvenanceCache,
@@ -136,9 +135,8 @@ def commit_version(api, staged: Path, repo_id: str, ep: str, token: str | None, 
         if fields and fields["files"] == ours and k in refs.versions:
             return VersionResult(repo_id, k, refs.versions[k], True, stats)
         n = max(refs.latest, k or 0) + 1
-        carried = ((head_prov or {}).get("extra") or {}).get(LATER_METRICS) or {}
-        extra = {**(base.get("extra") or {}), **({LATER_METRICS: carried} if carried else {})}
-        prov = {**base, "hub": {"repo_id": repo_id, "version": version_tag(n)}, "extra": extra}
+        carried = ((head_prov or {}).get("team") or {}).get("metrics") or {}
+        prov = {**base, "team": {"repo_id": repo_id, "version": n, "metrics": carried}}
         provenance.write(staged, prov)
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(staged).as_posix(), path_or_fileobj=str(p))
                for p in sorted(staged.rglob("*")) if p.is_file()]
@@ -252,13 +250,13 @@ def push_metrics(repo_id: str, n: int, metrics: dict[str, float], *, token: str 
         if prov is None:
             raise HubError(f"{repo_id} holds no adapterhub.json", "push a version with `adapters push` first")
         repair_head(api, repo_id, ep, refs, fields, stats)
-        extra = dict(prov.get("extra") or {})
-        later = dict(extra.get(LATER_METRICS) or {})
+        team = dict(prov.get("team") or {})
+        later = dict(team.get("metrics") or {})
         merged = {**(later.get(version_tag(n)) or {}), **metrics}
         if later.get(version_tag(n)) == merged:
             return {"repo_id": repo_id, "version": version_tag(n), "commit_id": refs.head, "unchanged": True}
         later[version_tag(n)] = merged
-        new = {**prov, "extra": {**extra, LATER_METRICS: later}}
+        new = {**prov, "team": {**team, "metrics": later}}
         op = CommitOperationAdd(path_in_repo=PROVENANCE_NAME, path_or_fileobj=provenance.dumps(new).encode())
         with hub_errors("commit", repo_id, ep):
             try:
