@@ -116,12 +116,25 @@ def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
     return int(r), float(alpha)
 
 
-def factored_sq_norm(a, b) -> float:
-    """‖B·A‖²_F without forming B·A: tr((AAᵀ)(BᵀB)), r×r work, in float64 (numpy or torch in)."""
+def factor_grams(a, b):
+    """(A·Aᵀ, Bᵀ·B) in float64, r×r each (numpy or torch factors in): all the factored
+    methods need to know about B·A."""
     import numpy as np
 
     a, b = as_numpy(a, np.float64), as_numpy(b, np.float64)
-    return max(float(np.sum((a @ a.T) * (b.T @ b))), 0.0)
+    return a @ a.T, b.T @ b
+
+
+def frob_sq(ga, gb) -> float:
+    """‖B·A‖²_F = tr((AAᵀ)(BᵀB)) from the Gram matrices (never forms B·A)."""
+    import numpy as np
+
+    return max(float(np.sum(ga * gb)), 0.0)
+
+
+def factored_sq_norm(a, b) -> float:
+    """‖B·A‖²_F from the factors: r×r work, float64."""
+    return frob_sq(*factor_grams(a, b))
 
 
 def scaling(r: int, alpha: float, use_rslora: bool = False) -> float:

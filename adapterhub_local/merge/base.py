@@ -26,12 +26,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import AdapterHubError, BaseMismatch
 from ..fingerprint import FP_PREFIX, Fingerprint, cached_fingerprint, combine, store_fingerprint
 from ..fsutil import atomic_dir, check_output
-from ..lora import LoraModule
 from . import stream
 from .inputs import MergeInput
 from .io import (
@@ -56,7 +53,6 @@ from .stream import (
     LOWRANK_SPLIT,
     Hasher,
     Pipeline,
-    _as_f32,
     block_rows,
     compute_tensor,
     copy_tensor,
@@ -268,18 +264,12 @@ def _store(base_dir: Path, found: str, digests: dict, infos, config: dict) -> No
     store_fingerprint(base_dir, fp)
 
 
-def _norm(m: LoraModule) -> float:
-    """‖s·B·A‖_F from r×r products (float32: this is a report figure, not the merge)."""
-    a, b = _as_f32(m.A), _as_f32(m.B)
-    return abs(m.scale) * max(float(np.sum((a @ a.T) * (b.T @ b))), 0.0) ** 0.5
-
-
 def _module_rows(inputs: list[MergeInput]) -> list[dict]:
     rows: dict[str, dict] = {}
     for inp in inputs:
         for name, m in inp.adapter.modules.items():
             r = rows.setdefault(name, {"module": name, "norms": {}, "ranks": {}})
-            r["norms"][inp.ref] = abs(inp.weight) * _norm(m)
+            r["norms"][inp.ref] = abs(inp.weight) * m.delta_norm()
             r["ranks"][inp.ref] = m.rank
         for key in inp.adapter.extra:
             r = rows.setdefault(key, {"module": key, "norms": {}, "ranks": {}})

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..safetensors_io import DTYPES
+
 try:
     from .. import _kernels
 except ImportError:  # the optional extension did not build: the numpy fallback
     _kernels = None
 
 KINDS = ("BF16", "F16", "F32")
-NP_DTYPE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+# the float dtypes as numpy reads their bytes (BF16 as its raw bits), from the one dtype table
+NP_DTYPE = {k: np.dtype(np.uint16 if k == "BF16" else DTYPES[k].numpy) for k in ("BF16", "F16", "F32", "F64")}
 
 
 def to_f32(raw, dtype: str) -> np.ndarray:

@@ -21,19 +21,13 @@ import torch
 from .. import provenance
 from ..errors import AdapterHubError, BaseMismatch
 from ..fsutil import check_output
-from ..lora import LoraModule
+from ..lora import LoraModule, orient_delta
 from ..peft_format import LoraAdapter, lora_config, save_adapter
+from ..safetensors_io import DTYPES
 from .io import FLOAT_ST, Reader, scan_model
 from .report import MergeReport, rel_error, stderr_notify
 
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_name] = getattr(torch, _attr)
+ST_TO_TORCH = {k: getattr(torch, d.torch) for k, d in DTYPES.items() if hasattr(torch, d.torch)}
 
 EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings",
                "position_embeddings", "embed_positions", "token_type_embeddings")
@@ -127,7 +121,7 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
             short = module.rsplit(".", 1)[-1]
             kind = "embedding" if short in EMBED_NAMES else "linear"
             transposed = kind == "embedding" or fifo_model
-            target = d.T if transposed else d  # B @ A orientation: (out, in), embedding (dim, num)
+            target = orient_delta(d, transposed)  # B @ A orientation: (out, in), embedding (dim, num)
             u, s, vh = _svd(target, rank, seed)
             k = min(rank, int(s.numel()))
             full_sq = sq

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UnknownMergeMethod
-from ..lora import LoraModule, stack_factors
+from ..lora import LoraModule, factor_grams, frob_sq, stack_factors
 from .report import rel_error
 
 if TYPE_CHECKING:
@@ -69,8 +69,7 @@ class Group:
     def grams(self) -> tuple[np.ndarray, np.ndarray]:
         """(AAᵀ, BᵀB) in float64, R×R: everything the factored methods need to know."""
         if self._grams is None:
-            a64, b64 = self.a.astype(np.float64), self.b.astype(np.float64)
-            self._grams = (a64 @ a64.T, b64.T @ b64)
+            self._grams = factor_grams(self.a, self.b)
         return self._grams
 
     def input_norms(self) -> list[float]:
@@ -129,11 +128,6 @@ def get_method(name: str) -> Method:
 
 # ---- factored: never a dense ΔW ----------------------------------------------------------------
 
-def frob_sq(ga: np.ndarray, gb: np.ndarray) -> float:
-    """‖B·A‖²_F = tr((AAᵀ)(BᵀB)) from the Gram matrices."""
-    return max(float(np.sum(ga * gb)), 0.0)
-
-
 def _half(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """From G = XᵀX: (R, P) with X = (X·P)·R, X·P orthonormal. R = √Λ·Vᵀ, P = V/√Λ over the
     non-null eigenpairs (a rank-deficient stack, e.g. one adapter twice, loses nothing)."""
@@ -150,7 +144,7 @@ def factored_svd(a: np.ndarray, b: np.ndarray, rank: int, grams=None):
     B = Q_b·R_b and Aᵀ = Q_a·R_a with R from the R×R Grams; R_b·R_aᵀ = U·S·Wᵀ is the small
     core; then B' = B·P_b·U_k·√S_k and A' = √S_k·W_kᵀ·P_aᵀ·A (two GEMMs back, float64)."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    ga, gb = grams if grams is not None else (a64 @ a64.T, b64.T @ b64)
+    ga, gb = grams if grams is not None else factor_grams(a64, b64)
     rb, pb = _half(gb)
     ra, pa = _half(ga)
     u, s, wt = np.linalg.svd(rb @ ra.T, full_matrices=False)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import AdapterHubError
 from ..fingerprint import tensor_head
-from ..lora import LoraModule
+from ..lora import LoraModule, stack_factors
 from .cast import KINDS, TILE, add_cast, lowrank_add_cast, to_f32
 from .dora import DoraTensor, has_dora
 from .io import ITEMSIZE, OutTensor, Reader, numel
@@ -390,8 +390,7 @@ def _factors(deltas: list[tuple[LoraModule, float]], transposed: bool):
     mods = [(m, w) for m, w in deltas if m.transposed == transposed]
     if not mods:
         return None
-    a = np.concatenate([_as_f32(m.A) for m, _ in mods], axis=0) if len(mods) > 1 else _as_f32(mods[0][0].A)
-    b = np.concatenate([_as_f32(m.B) * np.float32(m.scale * w) for m, w in mods], axis=1)  # (out, R)
+    a, b = stack_factors(mods, numpy=True)  # (R, in), (out, R)
     if transposed:  # W stored (in, out): its rows are input features
         return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), a.shape[0]
     return b, a, a.shape[0]
