@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean docs cli-docs
+.PHONY: demo test lint bench clean docs cli-docs fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The property-based fuzz suite with the long hypothesis profile (minutes, not seconds).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -m fuzz $(PYTEST_ARGS)
+
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-cli-docs: $(STAMP)
+cli-# The property-based fuzz suite with the long hypothesis profile (minutes, not seconds).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -m fuzz $(PYTEST_ARGS)
+
+docs: $(STAMP)
 	$(BIN)/python -m adapterhub_local.cli.reference > docs/cli.md
 
 lint: $(STAMP)

@@ -156,8 +156,8 @@ def _entry(name: str, info, data_len: int) -> tuple[str, list[int], int, int]:
     if end > data_len:
         raise HeaderError(f"tensor {_show(name)}: ends at byte {end} of a {data_len}-byte data section "
                           "(truncated?)")
-    need = item
-    for s in shape:  # stop as soon as the product passes the file: no 2**40-element shapes
+    need = 0 if 0 in shape else item
+    for s in shape if need else ():  # stop once the product passes the file: no 2**40 shapes
         need *= s
         if need > data_len:
             break

@@ -1,9 +1,20 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Hypothesis profiles: "ci" (the default) keeps every property test to a few seconds; "long"
+# (HYPOTHESIS_PROFILE=long, what `make fuzz` sets) runs the fuzz suite for minutes. Tests that
+# pin max_examples themselves keep it; deadlines are off (a shared CPU makes them flaky) and
+# the fuzz tests bound each example's time themselves.
+settings.register_profile("ci", max_examples=100, deadline=None)
+settings.register_profile("long", max_examples=20_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
