@@ -47,7 +47,8 @@ def _no_duplicates(pairs):
 def _walk(value, path: str, depth: int, where) -> None:
     """Depth bound and no NaN/Infinity anywhere (iterative over siblings, recursion bounded)."""
     if depth > MAX_DEPTH:
-        raise InvalidAdapter(where, f"{path or 'the file'} nests deeper than {MAX_DEPTH} levels")
+        shown = path if len(path) <= 40 else path[:37] + "…"
+        raise InvalidAdapter(where, f"{shown or 'the file'} nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, _NonFinite):
         raise InvalidAdapter(where, f"{path}: {value.text} is not a finite number")
     if isinstance(value, dict):

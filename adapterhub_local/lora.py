@@ -73,7 +73,12 @@ def suffix_regex(key: str):
     try:
         re.compile(spliced)  # what PEFT itself would accept (compiling does not backtrack)
     except (re.error, RecursionError, OverflowError) as e:
-        raise PatternError(key, f"not a valid regular expression ({e})") from None
+        why = str(e)
+        try:  # the key's own error reads better (positions in the key, not in the splice)
+            re.compile(key)
+        except (re.error, RecursionError, OverflowError) as own:
+            why = str(own)
+        raise PatternError(key, f"not a valid regular expression ({why})") from None
     if "{," in key:  # Python reads a{,3} as a{0,3}, RE2 as literal text: refuse the ambiguity
         raise PatternError(key, "uses {,n}; write {0,n}")
     try:
