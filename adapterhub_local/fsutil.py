@@ -82,6 +82,9 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
         from .lora import as_torch
 
         data = save({k: as_torch(v).contiguous() for k, v in tensors.items()}, metadata=metadata)
+    from .safetensors_io import check_encoded
+
+    check_encoded(data)  # never write a file our own reader would refuse
     atomic_write_bytes(path, data, fsync=fsync)
     return len(data)
 

@@ -276,6 +276,17 @@ def read_arrays(path, error: type = InvalidModel, float32: bool = False
     return out, meta, infos
 
 
+def check_encoded(data: bytes) -> None:
+    """Assert that a whole serialised file (e.g. safetensors' ``save`` output) passes our reader."""
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        if n > MAX_HEADER or 8 + n > len(data):
+            raise HeaderError("header length out of bounds")
+        parse_header(bytes(data[8 : 8 + n]), len(data) - 8 - n)
+    except HeaderError as e:
+        raise AssertionError(f"refusing to write an invalid safetensors file: {e}") from None
+
+
 def encode_header(entries, metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length plus JSON header, padded with spaces to 8 bytes as safetensors pads.
 

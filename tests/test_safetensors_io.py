@@ -19,6 +19,7 @@ from adapterhub_local.errors import InvalidAdapter, InvalidModel
 from adapterhub_local.safetensors_io import (
     DTYPES,
     MAX_HEADER,
+    check_encoded,
     encode_header,
     read_arrays,
     read_header,
@@ -198,6 +199,22 @@ def test_encode_header_refuses_what_the_reader_would(tmp_path):
                 [("a", "F77", [2], 0, 8)]):
         with pytest.raises(AssertionError, match="refusing to write"):
             encode_header(bad)
+
+
+def test_save_safetensors_checks_what_it_writes(tmp_path, monkeypatch):
+    """fsutil.save_safetensors (adapters, checkpoints) re-reads its bytes before writing them."""
+    from safetensors.torch import save
+
+    from adapterhub_local import fsutil
+
+    good = save({"a": torch.ones(2, 2)}, metadata={"format": "pt"})
+    check_encoded(good)
+    with pytest.raises(AssertionError, match="refusing to write"):
+        check_encoded(good[:-1])
+    monkeypatch.setattr("safetensors.torch.save", lambda *a, **k: good + b"\0")  # a writer bug
+    with pytest.raises(AssertionError):
+        fsutil.save_safetensors({"a": torch.ones(2, 2)}, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 # ---- the CLI: a lying base shard, a lying adapter ----
