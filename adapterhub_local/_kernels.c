@@ -477,4 +477,14 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+/* The layout the kernel expects, for Python to read (merge/cast.py): TILE columns per tile
+   of the packed right factor, and blocks of rows cut at multiples of ROWS. */
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "TILE", TILE) < 0 || PyModule_AddIntConstant(m, "ROWS", ROWS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

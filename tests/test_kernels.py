@@ -54,6 +54,16 @@ def test_the_c_kernel_was_built():
     assert cast.have_c_kernel()
 
 
+def test_the_layout_comes_from_the_c_kernel():
+    """TILE and ROWS are the extension's own constants; the merge cuts blocks at its row group."""
+    from adapterhub_local.merge import stream
+
+    assert (cast.TILE, cast.ROWS) == (cast._kernels.TILE, cast._kernels.ROWS)
+    assert cast.pack_right(np.ones((3, 40), np.float32)).shape == (-(-40 // cast.TILE), 3, cast.TILE)
+    _, _, block = stream.block_rows((100_000, 64))
+    assert block % (2 * cast.ROWS) == 0
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("out_dtype,tdtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
 def test_float32_casts_match_torch(impl, out_dtype, tdtype):

@@ -15,6 +15,15 @@ try:
     from .. import _kernels
 except ImportError:  # the optional extension did not build: the numpy fallback
     _kernels = None
+if _kernels is not None and not hasattr(_kernels, "TILE"):  # built from an older _kernels.c
+    _kernels = None  # (test_kernels fails: rebuild with pip install -e .)
+
+# The C kernel's layout, read from the extension (not repeated here): TILE columns per tile of
+# the packed right factor, its register tile; ROWS rows per pass, blocks are cut at multiples
+# of it. Without the extension the numpy fallback packs the same way; its bits depend on
+# neither number (each value is one fma chain in rank order).
+TILE, ROWS = (_kernels.TILE, _kernels.ROWS) if _kernels is not None else (16, 6)
+assert TILE > 0 and ROWS > 0, "the C kernel exported a nonsensical layout"
 
 KINDS = ("BF16", "F16", "F32")
 # the float dtypes as numpy reads their bytes (BF16 as its raw bits), from the one dtype table
@@ -85,9 +94,6 @@ def add_cast(src, src_dtype: str, delta, out, out_dtype: str) -> int:
 
 def have_c_kernel() -> bool:
     return _kernels is not None
-
-
-TILE = 16  # columns per tile of the packed right factor (the C kernel's register tile)
 
 
 def pack_right(right: np.ndarray) -> np.ndarray:

@@ -19,6 +19,35 @@ the write that read it are done, so memory stays at a few blocks whatever the mo
 Untouched tensors are copied by the kernel (copy_file_range) straight to their offsets
 on a copy thread, at once, the ordered writes stepping over them; or, when they must be
 hashed, written in order straight from the mapping.
+
+Threads and invariants
+----------------------
+* The main thread (the caller of ``copy_tensor`` / ``compute_tensor``) owns all of the
+  Pipeline's bookkeeping: the ordered queue (``queue``, ``in_flight``), the output slot
+  ring (``slot``, ``reserved``, ``busy``), the held mapped ranges (``held``) and the
+  Reader. Only it submits writes, and it submits them in output order: a block's
+  ``finish`` runs in ``settle``, on the main thread, strictly in queue order, even when
+  the compute threads finish blocks out of order.
+* One writer thread is the single ordered writer: it runs ``_write`` and ``_skip`` in
+  submission order, so the file position advances tensor by tensor exactly as the shard
+  header lays them out. Nothing else moves the file position.
+* One copy thread writes untouched tensors with copy_file_range / pwrite at explicit
+  offsets, which never move the file position; the writer ``_skip``s over exactly those
+  ranges. Writes at explicit offsets into byte ranges no other thread writes are safe on
+  a shared descriptor (POSIX: pwrite leaves the offset alone; the file is not O_APPEND).
+* Compute threads (high ranks only) each fill one reserved output slot from read-only
+  mapped views and read-only factors; a slot is not handed out again until its block is
+  finished (``reserved``) and the writer is done with it (``busy``).
+* The prepare thread builds a tensor's stacked factors one tensor ahead; its results are
+  new arrays, read by the main thread only after ``result()``.
+* Hashing threads (one pool per core) get a tensor's updates on one pool, in order; a
+  mapped range is released (on the main thread) only after its write and hash are done.
+* Failure: any thread that fails sets ``failed``, which only ever goes from false to
+  true (``close(error=True)`` sets it too); once set, queued writes and copies return
+  at once, so nothing touches a file after it is closed. The error itself reaches the
+  main thread through its Future (``settle``, ``next_slot``, ``drain``), which raises it;
+  the caller then closes the pipeline with ``error=True`` (pending work cancelled) and
+  the output's temp dir is removed.
 """
 
 from __future__ import annotations
@@ -35,7 +64,7 @@ import numpy as np
 from ..errors import AdapterHubError
 from ..fingerprint import tensor_head
 from ..lora import LoraModule, stack_factors
-from .cast import KINDS, TILE, add_cast, lowrank_add_cast, to_f32
+from .cast import KINDS, ROWS, TILE, add_cast, lowrank_add_cast, to_f32
 from .dora import DoraTensor, has_dora
 from .io import ITEMSIZE, OutTensor, Reader, numel
 from .plan import Edit
@@ -300,17 +329,14 @@ class Pipeline:
             raise
 
 
-KERNEL_ROWS = 6  # the C kernel's row group: blocks are cut at multiples of it
-
-
 def block_rows(shape) -> tuple[int, int, int]:
     """(rows, elements per row, rows per block)."""
     shape = list(shape) or [1]
     rows = int(shape[0])
     row = max(1, numel(shape) // max(rows, 1))
     block = max(1, BLOCK_ELEMS // row)
-    if block >= 2 * KERNEL_ROWS:
-        block -= block % (2 * KERNEL_ROWS)
+    if block >= 2 * ROWS:  # the C kernel's row group (cast.ROWS): blocks cut at multiples of it
+        block -= block % (2 * ROWS)
     return rows, row, min(rows, block)
 
 
