@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import provenance
@@ -23,36 +24,63 @@ from ..errors import AdapterHubError, BaseMismatch
 from ..fsutil import check_output
 from ..lora import LoraModule, orient_delta
 from ..peft_format import LoraAdapter, lora_config, save_adapter
-from ..safetensors_io import DTYPES
+from ..safetensors_io import ITEMSIZE, numel
+from .cast import to_f32
 from .io import FLOAT_ST, Reader, scan_model
+from .methods import truncated_svd
 from .report import MergeReport, rel_error, stderr_notify
-
-ST_TO_TORCH = {k: getattr(torch, d.torch) for k, d in DTYPES.items() if hasattr(torch, d.torch)}
 
 EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings",
                "position_embeddings", "embed_positions", "token_type_embeddings")
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "decision_transformer"}
-EXACT_SVD_MAX = 1024  # above this smaller dimension, a seeded randomised SVD
+CHUNK_ELEMS = 1 << 22  # elements per chunk when reading, comparing and summing (16 MiB of float32)
 
 
-def _read(reader: Reader, info) -> torch.Tensor:
-    buf = bytearray(info.end - info.start)
-    reader.begin(info)
-    reader.read_into(info, memoryview(buf))
-    reader.end(info)
-    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-    return t.view(ST_TO_TORCH[info.dtype]).reshape(info.shape).to(torch.float32)
+def _difference(rb: Reader, rt: Reader, bi, ti) -> np.ndarray | None:
+    """tuned − base in float32 (the stored shape), chunk by chunk from the two mappings, each
+    chunk dropped from memory once used; None when the bytes are identical (nothing is
+    converted then). Memory: this one float32 tensor, allocated at the first difference."""
+    ib, it = ITEMSIZE[bi.dtype], ITEMSIZE[ti.dtype]
+    n = numel(bi.shape)
+    out = None
+    rb.begin(bi)
+    rt.begin(ti)
+    try:
+        for e0 in range(0, n, CHUNK_ELEMS):
+            e1 = min(n, e0 + CHUNK_ELEMS)
+            vb = rb.view(bi, e0 * ib, (e1 - e0) * ib)
+            vt = rt.view(ti, e0 * it, (e1 - e0) * it)
+            if bi.dtype != ti.dtype or not np.array_equal(np.frombuffer(vb, np.uint8), np.frombuffer(vt, np.uint8)):
+                if out is None:
+                    out = np.zeros(n, dtype=np.float32)  # the chunks before this one are equal: 0
+                np.subtract(to_f32(vt, ti.dtype), to_f32(vb, bi.dtype), out=out[e0:e1])
+            del vb, vt
+            rb.release(bi, e0 * ib, (e1 - e0) * ib)
+            rt.release(ti, e0 * it, (e1 - e0) * it)
+    finally:
+        rb.end(bi)
+        rt.end(ti)
+    return None if out is None else out.reshape([int(x) for x in bi.shape])
 
 
-def _svd(d: torch.Tensor, k_max: int, seed: int):
-    m = min(d.shape)
-    if m <= EXACT_SVD_MAX or k_max * 4 > m:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        return u, s, vh
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(d, q=min(m, k_max + 16), niter=4)
-    return u, s, v.T
+def _sum_sq(x: np.ndarray) -> float:
+    """Σ x² in float64, a chunk at a time (no float64 copy of the whole tensor)."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for i in range(0, flat.size, CHUNK_ELEMS):
+        c = flat[i : i + CHUNK_ELEMS].astype(np.float64)
+        total += float(c @ c)
+    return total
+
+
+def _err_sq(d: np.ndarray, left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖d − left @ right‖² in float64, a block of rows at a time (d in its stored orientation)."""
+    rows = max(1, CHUNK_ELEMS // max(1, d.shape[1]))
+    total = 0.0
+    for r0 in range(0, d.shape[0], rows):
+        approx = (left[r0 : r0 + rows] @ right).numpy()
+        total += _sum_sq(d[r0 : r0 + rows] - approx)
+    return total
 
 
 def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: float | None = None,
@@ -108,9 +136,10 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
                 continue
             if bi.dtype not in FLOAT_ST:
                 continue
-            d = _read(rt, ti)
-            d.sub_(_read(rb, bi))
-            sq = float(d.double().pow(2).sum())
+            d = _difference(rb, rt, bi, ti)
+            if d is None:
+                continue
+            sq = _sum_sq(d)
             if sq == 0:
                 continue
             module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -121,8 +150,9 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
             short = module.rsplit(".", 1)[-1]
             kind = "embedding" if short in EMBED_NAMES else "linear"
             transposed = kind == "embedding" or fifo_model
-            target = orient_delta(d, transposed)  # B @ A orientation: (out, in), embedding (dim, num)
-            u, s, vh = _svd(target, rank, seed)
+            dt = torch.from_numpy(d)  # no copy
+            target = orient_delta(dt, transposed)  # B @ A orientation: (out, in), embedding (dim, num)
+            u, s, vh = truncated_svd(target, rank, seed)
             k = min(rank, int(s.numel()))
             full_sq = sq
             if energy is not None:
@@ -131,8 +161,10 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
             root = s[:k].sqrt()
             b = (u[:, :k] * root).contiguous()
             a = (root[:, None] * vh[:k]).contiguous()
-            approx = b @ a
-            err_sq = float((target.double() - approx.double()).pow(2).sum())
+            del u, s, vh, target, dt
+            # the error in the stored orientation: d ≈ b @ a, or (b @ a)ᵀ = aᵀ @ bᵀ
+            err_sq = _err_sq(d, a.T, b.T) if transposed else _err_sq(d, b, a)
+            del d
             modules[module] = LoraModule(name=module, A=a, B=b, scale=1.0, kind=kind,
                                          fan_in_fan_out=fifo_model and kind == "linear", r=k, alpha=float(k))
             rows.append({"module": module, "kind": kind, "rank": k, "norm": sq**0.5,

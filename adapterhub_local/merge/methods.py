@@ -237,16 +237,38 @@ def _weighted_sum(tensors, weights):
     return out
 
 
-def dense_svd(d: torch.Tensor, rank: int):
-    """Truncated SVD of a dense float tensor: (A', B', kept energy, total energy), float32 numpy."""
+EXACT_SVD_MAX = 1024  # above this smaller dimension (and rank ≤ a quarter of it), a seeded randomised SVD
+
+
+def truncated_svd(d: torch.Tensor, k_max: int, seed: int):
+    """(U, S, Vᴴ) holding at least the top ``k_max`` singular triplets of ``d``: the full SVD
+    of a small matrix; of a large one, a seeded randomised SVD (k_max + 16 directions, four
+    power iterations), whose factors are orthonormal, so ‖U·S·Vᴴ‖² = Σ S² stays true."""
     import torch
 
-    u, s, vh = torch.linalg.svd(d.to(torch.float64), full_matrices=False)
+    m = min(d.shape)
+    if m <= EXACT_SVD_MAX or k_max * 4 > m:
+        return torch.linalg.svd(d, full_matrices=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(d, q=min(m, k_max + 16), niter=4)
+    return u, s, v.T
+
+
+def dense_svd(d: torch.Tensor, rank: int, seed: int = 0):
+    """Truncation of a dense tensor to ``rank``: (A', B', kept energy, total energy), float32 numpy.
+    The total is ‖d‖², whichever SVD ran."""
+    import torch
+
+    d64 = d.to(torch.float64)
+    u, s, vh = truncated_svd(d64, rank, seed)
     k = max(0, min(rank, int(s.numel())))
+    full = int(s.numel()) == min(d64.shape)
+    total = float((s**2).sum()) if full else float(torch.linalg.vector_norm(d64) ** 2)
     root = s[:k].sqrt()
     b = (u[:, :k] * root).to(torch.float32).numpy()
     a = (root[:, None] * vh[:k]).to(torch.float32).numpy()
-    return a, b, float((s[:k] ** 2).sum()), float((s**2).sum())
+    return a, b, float((s[:k] ** 2).sum()), total
 
 
 def _dense(combine: Callable) -> Callable[[Group, Options], Combined]:
@@ -260,7 +282,7 @@ def _dense(combine: Callable) -> Callable[[Group, Options], Combined]:
         deltas = [m.delta(orient=False) for _, m, _ in g.mods]
         gens = [module_generator(opt.seed, g.name, i) for i, _, _ in g.mods]
         dense = combine(deltas, [w for _, _, w in g.mods], opt.density, gens)
-        a, b, kept, energy = dense_svd(dense, opt.rank)
+        a, b, kept, energy = dense_svd(dense, opt.rank, opt.seed)
         approx = torch.from_numpy(b).to(torch.float64) @ torch.from_numpy(a).to(torch.float64)
         exact_sq = float((exact**2).sum())
         method_err = rel_error(exact_sq, float(((exact - dense.to(torch.float64)) ** 2).sum()))
