@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from test_registry import make_adapter
 
 from adapterhub_local.cli import cli, main
-from adapterhub_local.cli.output import safe_text
+from adapterhub_local.terminal import safe_text
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil\u2066\x00x\ny"
 # anything a terminal acts on: C0 but tab/newline, DEL, C1, bidi controls, line separators
@@ -74,3 +74,12 @@ def test_error_lines_escape_names_from_files(tmp_path, capsys):
 def test_push_dry_run_listing_escapes(evil_adapter, tmp_path):
     out = run("push", evil_adapter, "me/evil", "--dry-run", "--dry-run-dir", tmp_path / "stage")
     assert "notes\\x1b]0;pwned\\x07" in out
+
+
+def test_merge_warnings_escape_input_names(tmp_path):
+    a = make_adapter(tmp_path / "a\x1b[2Jx", seed=1)
+    b = make_adapter(tmp_path / "b\u202eq", seed=2)
+    res = CliRunner().invoke(cli, ["stack", str(a), str(b), "--out", str(tmp_path / "s")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "base unknown" in res.stderr and "a\\x1b[2Jx" in res.stderr and "b\\u202eq" in res.stderr
+    assert not RAW.search(res.stdout) and not RAW.search(res.stderr), repr(res.output)

@@ -15,7 +15,9 @@ def peak_rss_mb() -> float:
 
 
 def stderr_notify(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    from ..terminal import safe_text
+
+    print(safe_text(message, one_line=False), file=sys.stderr, flush=True)  # names come from adapter files
 
 
 @dataclass
