@@ -144,7 +144,7 @@ def _special(mode: int) -> str | None:
 def _refuse(path: Path, kind: str, what: str):
     from .errors import UnsafeInput
 
-    hint = ("replace it with a regular file (cp --dereference), if you trust where it points"
+    hint = ("if you trust its target, replace the link with a copy of that file"
             if "link" in kind else "remove it from the folder")
     return UnsafeInput(path, f"{kind} inside the {what}; refused: nothing in an input folder is "
                              "followed out of it", hint)
@@ -239,6 +239,7 @@ def check_output(out: str | os.PathLike, inputs=(), registry_homes=()) -> Path:
             problem = f"contains the {what} {given}"
         else:
             continue
-        raise AdapterHubError(f"--out {out} {problem}; refused (it would be overwritten or changed)",
-                              "choose an output folder outside every input and the registry")
+        raise AdapterHubError(f"output folder {out} {problem}: refused, writing there would change or "
+                              "delete what it holds", "choose an output folder outside every input and "
+                              "the registry home")
     return o
