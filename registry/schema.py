@@ -192,10 +192,13 @@ def check_ours(conn, path) -> None:
         "ESCAPE '\\' ORDER BY name")]
     if not tables:
         return
-    if migrations.migrations_table in tables and conn.execute(
-            f"SELECT 1 FROM {migrations.migrations_table} WHERE migration_set = ? LIMIT 1",
-            (migrations.name,)).fetchone():
-        return
+    table = migrations.migrations_table
+    if table in tables:
+        sets = {r[0] for r in conn.execute(f"SELECT DISTINCT migration_set FROM {table}")}
+        if migrations.name in sets:
+            return
+        if tables == [table] and not sets:
+            return  # another process is creating this registry: it made the table, not yet m001
     shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
     raise RegistryError(f"{path}: an SQLite database that is not an adapterhub-local registry "
                         f"(tables: {shown}); left untouched",

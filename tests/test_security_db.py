@@ -79,6 +79,14 @@ def test_empty_file_and_real_registry_still_open(tmp_path):
     res = CliRunner().invoke(cli, ["--registry", str(home), "list", "--json"], catch_exceptions=False)
     assert res.exit_code == 0 and res.stdout.strip() == "[]"
     open_registry(home).close()  # and it opens again as ours
+    # a registry another process is creating: the migrations table exists, m001 not yet recorded
+    racing = tmp_path / "racing"
+    racing.mkdir()
+    conn = sqlite3.connect(racing / "registry.db")
+    conn.execute("CREATE TABLE _sqlite_migrations (migration_set TEXT, name TEXT, applied_at TEXT)")
+    conn.commit()
+    conn.close()
+    open_registry(racing).close()
 
 
 def _metrics(n: int, value: float) -> list[str]:
