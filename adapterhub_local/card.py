@@ -56,7 +56,7 @@ def tags(kind: str, *, merged: bool = False, base_models: list[str] | tuple[str,
 
 def hub_bases(*names: str | None) -> list[str]:
     """The Hub ids among ``names`` (paths, local names and None are left out), in order, once."""
-    from .hub.source import hub_id_or_none
+    from .repo_id import hub_id_or_none
 
     out: list[str] = []
     for n in names:

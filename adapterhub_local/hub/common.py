@@ -8,31 +8,19 @@ caller that sets the variable late still reaches the server it meant.
 from __future__ import annotations
 
 import os
-import re
 
+from ..repo_id import repo_id_problem
 from .errors import InvalidRepoId, OfflineMode
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$")
 
 
 def validate_repo_id(repo_id: str) -> str:
-    """NAMESPACE/NAME as the Hub accepts it; raises InvalidRepoId before any request is made."""
-    if not isinstance(repo_id, str) or not repo_id:
-        raise InvalidRepoId(str(repo_id), "it is empty")
-    if repo_id.count("/") != 1:
-        raise InvalidRepoId(repo_id, "it must have exactly one '/' between namespace and name")
-    namespace, name = repo_id.split("/")
-    for label, part in (("namespace", namespace), ("name", name)):
-        if not part:
-            raise InvalidRepoId(repo_id, f"the {label} is empty")
-        if not _PART.match(part):
-            raise InvalidRepoId(repo_id, f"the {label} {part!r} may only use letters, digits, '-', '_' and '.', "
-                                "may not start or end with '-' or '.', and is at most 96 characters")
-        if "--" in part or ".." in part:
-            raise InvalidRepoId(repo_id, "'--' and '..' are not allowed")
-    if name.endswith(".git"):
-        raise InvalidRepoId(repo_id, "the name may not end in .git")
+    """NAMESPACE/NAME as the Hub accepts it (the rule: repo_id.py); raises InvalidRepoId
+    before any request is made."""
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise InvalidRepoId(str(repo_id), problem)
     return repo_id
 
 

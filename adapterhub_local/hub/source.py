@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidModel
+from ..repo_id import hub_id_or_none  # noqa: F401 - push imports it from here
 
 RECIPE_NAMES = ("recipe.yaml", "recipe.yml")
 # Files a push never carries: our own outputs are regenerated, caches and temp files are noise.
@@ -256,18 +257,3 @@ def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True
         f"{path}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)",
         "push an adapter folder, a merge output folder, or a registry reference",
     )
-
-
-def hub_id_or_none(name: str | None) -> str | None:
-    """``name`` when it is a Hub repo id (not a local path), else None."""
-    if not name or not isinstance(name, str):
-        return None
-    if name.startswith((".", "/", "~")) or "\\" in name or Path(name).exists():
-        return None
-    from .common import validate_repo_id
-    from .errors import InvalidRepoId
-
-    try:
-        return validate_repo_id(name)
-    except InvalidRepoId:
-        return None
