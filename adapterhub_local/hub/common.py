@@ -8,6 +8,7 @@ caller that sets the variable late still reaches the server it meant.
 from __future__ import annotations
 
 import os
+import re
 
 from ..repo_id import repo_id_problem
 from .errors import InvalidRepoId, OfflineMode
