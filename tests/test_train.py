@@ -370,6 +370,63 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, base, corpus):
     c = train(cfg(base, corpus / "text.jsonl", tmp_path / "c", seed=1, **kw))
     assert _bytes(a.out) == _bytes(b.out)
     assert _bytes(a.out) != _bytes(c.out)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]  # the curve, bit for bit
+
+
+def test_loop_is_the_plain_algorithm_bit_for_bit(tmp_path, base, corpus):
+    """The loop's phases (prepare, train_step, ...) compose to exactly this plain loop:
+    same seeds, same data order, same loss normalisation, same AdamW steps. Every
+    step's loss and the final factors must be equal, not close."""
+    import random
+
+    from adapterhub_local.trainer import data as D
+    from adapterhub_local.trainer.loop import warmup_steps
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    c = cfg(base, corpus / "text.jsonl", tmp_path / "x", dropout=0.1, max_steps=7, onednn=False,
+            threads=1, batch_size=4, grad_accum=2, warmup=2)
+    r = train(c)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model.config.use_cache = False
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        layers = inject_lora(model, c.targets, c.rank, c.alpha, c.dropout, c.rslora)
+        params = [p for layer in layers.values() for p in layer.lora_parameters()]
+        opt = torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        loss_fn = CausalLMLoss(model).train()
+        tok = AutoTokenizer.from_pretrained(str(base))
+        items = D.as_items(D.tokenize(D.read_jsonl(c.data), tok, c.seq_len)[0])
+        per_epoch = math.ceil(math.ceil(len(items) / c.batch_size) / c.grad_accum)
+        losses = []
+        for step in range(c.max_steps):
+            epoch, k = divmod(step, per_epoch)
+            order = D.epoch_order(items, c.batch_size, c.seed, epoch, c.group_by_length)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            batches = [D.collate([items[i] for i in mb], pad)
+                       for mb in order[k * c.grad_accum:(k + 1) * c.grad_accum]]
+            n = sum(b["n_loss"] for b in batches)
+            for g in opt.param_groups:
+                g["lr"] = get_lr(step, c, c.max_steps, warmup_steps(c, c.max_steps))
+            total = 0.0
+            for b in batches:
+                part = loss_fn(b["input_ids"], b["labels"], b["attention_mask"], b["position_ids"])
+                (part * (1 / n)).backward()
+                total += float(part.detach())
+            torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total / n)
+    finally:
+        torch.set_num_threads(threads)
+    assert [h["loss"] for h in r.history if "loss" in h] == losses
+    ours = load_adapter(r.out).modules
+    for name, layer in lora_layers(model).items():
+        a, b = layer.factors
+        assert torch.equal(torch.as_tensor(ours[name].A), a.detach())
+        assert torch.equal(torch.as_tensor(ours[name].B), b.detach())
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -395,11 +452,11 @@ def test_resume_equals_uninterrupted(tmp_path, base, corpus, packing):
 def test_internal_measurements_leave_the_global_rng_alone(monkeypatch):
     # the bf16 speed probe once drew from the global RNG on a process's first run, so the
     # first run's dropout masks differed from every later run's with the same seed
-    from adapterhub_local.trainer import loop
+    from adapterhub_local.trainer import speed
 
-    monkeypatch.setattr(loop, "_BF16_SPEEDUP", None)
+    monkeypatch.setattr(speed, "_BF16_SPEEDUP", None)
     before = torch.get_rng_state()
-    assert loop.cpu_bf16_speedup() > 0
+    assert speed.cpu_bf16_speedup() > 0
     assert torch.equal(before, torch.get_rng_state())
 
 

@@ -1,5 +1,5 @@
-"""CPU speed-ups that change no math (the allocator, oneDNN for frozen Linears), and
-frozen matmul weights cast once for bf16 autocast.
+"""CPU speed-ups that change no math (the allocator, oneDNN for frozen Linears),
+frozen matmul weights cast once for bf16 autocast, and whether bf16 pays here.
 
 Allocator. glibc serves every block above its mmap threshold (at most 32 MB,
 adjusted on the fly) with a fresh mmap and gives it back on free: a training step
@@ -24,10 +24,47 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import sys
+import time
 
 import torch
 from torch import nn
+
+# --- is bfloat16 fast here? ----------------------------------------------------------
+
+_BF16_SPEEDUP: float | None = None
+
+
+def cpu_bf16_speedup() -> float:
+    """Measured bf16 / fp32 matmul throughput ratio on this CPU (once per process, ~10 ms).
+
+    CPU flags are not enough: without AVX512-BF16/AMX kernels torch falls back to
+    ~1 GFLOP/s bf16 code, ~100x slower than float32, while CPUs with them run bf16
+    several times faster. So we time it."""
+    global _BF16_SPEEDUP
+    if _BF16_SPEEDUP is None:
+        g = torch.Generator().manual_seed(0)  # never touch the global RNG: seeded runs rely on it
+
+        def rate(dtype):
+            a = torch.randn(192, 192, generator=g).to(dtype)
+            b = torch.randn(192, 192, generator=g).to(dtype)
+            a @ b
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - t0)
+            return 1.0 / max(best, 1e-9)
+
+        _BF16_SPEEDUP = rate(torch.bfloat16) / rate(torch.float32)
+    return _BF16_SPEEDUP
+
+
+def cpu_has_bf16() -> bool:
+    """True when bfloat16 matmul is at least half as fast as float32 here."""
+    return cpu_bf16_speedup() >= 0.5
+
 
 # --- the allocator ----------------------------------------------------------------
 
