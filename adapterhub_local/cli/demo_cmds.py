@@ -32,7 +32,7 @@ def demo_cmd(ctx, workdir, base, quick, rebuild_base, steps):
       adapters demo --base ./my-llama --steps 40   # your own model instead
       adapters --registry ./demo-run/registry list   # then explore
     """
-    from ..demo.story import run_demo
+    from ..demo.runner import run_demo
     from .context import AppContext
     from .output import table
 
