@@ -114,7 +114,7 @@ def test_missing_verb_is_skipped_with_a_note(tmp_path):
 
 def test_plots_without_matplotlib(monkeypatch, tmp_path):
     from adapterhub_local.eval import plots
-    from adapterhub_local.eval.sweep import SweepResult
+    from adapterhub_local.eval.interpolation import SweepResult
 
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
     res = SweepResult("a", "b", "base", "da", "db", "da", "db", 2.0, 2.0,

@@ -281,3 +281,14 @@ def test_eval_options_max_examples_and_seq_len(world):
     short = evaluate_refs([str(world["base"])], [world["da"]], seq_len=4)[0]
     assert full["examples"] == 12 and few["examples"] == 3
     assert short["tokens"] == 3 * 12 and full["tokens"] > short["tokens"]
+
+
+def test_package_exports_the_functions():
+    """`from adapterhub_local.eval import sweep` is the function (the module is `interpolation`)."""
+    import subprocess
+    import sys
+
+    code = ("from adapterhub_local.eval import applied, evaluate_refs, sweep\n"
+            "assert callable(sweep) and callable(applied) and callable(evaluate_refs), sweep\n"
+            "import adapterhub_local.eval.interpolation as m\nassert m.SweepResult")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -97,7 +97,7 @@ def sweep_cmd(app, a, b, base, data_a, data_b, steps, plot, batch_size, seq_len,
           --data-a arithmetic.eval.jsonl --data-b recipes.eval.jsonl --plot sweep.png
     """
     from ..eval.evaluate import Evaluator
-    from ..eval.sweep import sweep
+    from ..eval.interpolation import sweep
     from ..eval.tables import sweep_base_line
 
     ev = Evaluator(batch_size, seq_len, max_examples)

@@ -160,8 +160,8 @@ def _record_metrics(story: Story, refs, loss) -> None:
 
 
 def step_sweep(story: Story, refs, files, rows) -> None:
+    from ..eval.interpolation import sweep
     from ..eval.plots import PLOT_HINT, plot_sweep, plot_training
-    from ..eval.sweep import sweep
     from ..eval.tables import sweep_base_line, sweep_cells
 
     a, b = DOMAINS[0], DOMAINS[1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 _EXPORTS = {
     "evaluate_refs": ".evaluate", "Evaluator": ".evaluate", "EvalResult": ".evaluate",
     "eval_loss": ".evaluate", "data_label": ".evaluate", "DataError": ".evaluate",
-    "sweep": ".sweep", "SweepResult": ".sweep",
+    "sweep": ".interpolation", "SweepResult": ".interpolation",
     "applied": ".apply",
     "resolve_target": ".targets", "Target": ".targets", "load_model": ".targets",
 }
