@@ -53,16 +53,7 @@ def applied(model, adapters: list[tuple[object, float]]):
         keys.update(m.weight_key for m in adapter.modules.values())
         keys.update(adapter.extra)
     retie = _untie_if_needed(model, keys)
-    state = model.state_dict(keep_vars=True)
-    saved: dict[str, torch.Tensor] = {}
-    added_bias: list = []
-
-    def target(key: str, where):
-        if key not in state:
-            raise InvalidAdapter(where, f"targets {key}, which the model does not have",
-                                 "this adapter was trained for a different base model")
-        return state[key]
-
+    patch = _Patch(model)
     try:
         with torch.no_grad():
             by_module: dict[str, list] = {}
@@ -70,51 +61,86 @@ def applied(model, adapters: list[tuple[object, float]]):
                 for name, mod in adapter.modules.items():
                     by_module.setdefault(name, []).append((mod, float(w), adapter.path))
             for name, items in by_module.items():
-                mod0 = items[0][0]
-                param = target(mod0.weight_key, items[0][2])
-                if tuple(param.shape) != tuple(mod0.delta_shape):
-                    raise ShapeMismatch(name, param.shape, mod0.delta_shape, str(items[0][2] or ""))
-                delta = _stacked([(m, w) for m, w, _ in items])
-                saved.setdefault(mod0.weight_key, param.detach().clone())
-                param.add_(delta.to(param.dtype))
-                for m, w, where in items:
-                    bd = m.bias_delta(w)
-                    if bd is None:
-                        continue
-                    if m.bias_key not in state:
-                        # lora_bias on a layer without a bias: PEFT adds s·b in forward, so
-                        # give the layer a zero bias for the duration (removed on exit)
-                        layer = model.get_submodule(m.name)
-                        if getattr(layer, "bias", 0) is not None:
-                            target(m.bias_key, where)  # no bias slot at all: a foreign adapter
-                        layer.bias = torch.nn.Parameter(torch.zeros_like(bd, dtype=param.dtype),
-                                                        requires_grad=False)
-                        added_bias.append(layer)
-                        state[m.bias_key] = layer.bias
-                    bias = target(m.bias_key, where)
-                    saved.setdefault(m.bias_key, bias.detach().clone())
-                    bias.add_(bd.to(bias.dtype))
-            replaced: dict[str, object] = {}
-            for adapter, _ in adapters:
-                for key, tensor in adapter.extra.items():
-                    if key in replaced:
-                        raise InvalidAdapter(adapter.path, f"{key} is replaced by two adapters "
-                                             f"({replaced[key]} and {adapter.path})")
-                    param = target(key, adapter.path)
-                    if tuple(param.shape) != tuple(tensor.shape):
-                        raise ShapeMismatch(key, param.shape, tensor.shape, str(adapter.path or ""))
-                    replaced[key] = adapter.path
-                    saved.setdefault(key, param.detach().clone())
-                    param.copy_(as_torch(tensor).to(param.dtype))
+                patch.add_delta(name, items)
+            patch.replace_extra(adapters)
         yield model
     finally:
-        with torch.no_grad():
-            for key, original in saved.items():
-                state[key].copy_(original)
-        for layer in added_bias:
-            layer.bias = None
+        patch.restore()
         if retie:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+class _Patch:
+    """The model's tensors changed in place, with their originals to put back."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = model.state_dict(keep_vars=True)
+        self.saved: dict[str, object] = {}
+        self.added_bias: list = []
+
+    def target(self, key: str, where):
+        if key not in self.state:
+            raise InvalidAdapter(where, f"targets {key}, which the model does not have",
+                                 "this adapter was trained for a different base model")
+        return self.state[key]
+
+    def _keep(self, key: str, tensor) -> None:
+        self.saved.setdefault(key, tensor.detach().clone())
+
+    def add_delta(self, name: str, items: list) -> None:
+        """W += Σ wᵢ·ΔWᵢ of every (module, weight, path) on this module, then the biases."""
+        mod0, where0 = items[0][0], items[0][2]
+        param = self.target(mod0.weight_key, where0)
+        if tuple(param.shape) != tuple(mod0.delta_shape):
+            raise ShapeMismatch(name, param.shape, mod0.delta_shape, str(where0 or ""))
+        delta = _stacked([(m, w) for m, w, _ in items])
+        self._keep(mod0.weight_key, param)
+        param.add_(delta.to(param.dtype))
+        for m, w, where in items:
+            bd = m.bias_delta(w)
+            if bd is not None:
+                self._add_bias(m, bd, param.dtype, where)
+
+    def _add_bias(self, m, bd, dtype, where) -> None:
+        import torch
+
+        if m.bias_key not in self.state:
+            # lora_bias on a layer without a bias: PEFT adds s·b in forward, so
+            # give the layer a zero bias for the duration (removed on exit)
+            layer = self.model.get_submodule(m.name)
+            if getattr(layer, "bias", 0) is not None:
+                self.target(m.bias_key, where)  # no bias slot at all: a foreign adapter
+            layer.bias = torch.nn.Parameter(torch.zeros_like(bd, dtype=dtype), requires_grad=False)
+            self.added_bias.append(layer)
+            self.state[m.bias_key] = layer.bias
+        bias = self.target(m.bias_key, where)
+        self._keep(m.bias_key, bias)
+        bias.add_(bd.to(bias.dtype))
+
+    def replace_extra(self, adapters) -> None:
+        """``modules_to_save`` tensors replace the base's; two adapters may not both replace one."""
+        replaced: dict[str, object] = {}
+        for adapter, _ in adapters:
+            for key, tensor in adapter.extra.items():
+                if key in replaced:
+                    raise InvalidAdapter(adapter.path, f"{key} is replaced by two adapters "
+                                         f"({replaced[key]} and {adapter.path})")
+                param = self.target(key, adapter.path)
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ShapeMismatch(key, param.shape, tensor.shape, str(adapter.path or ""))
+                replaced[key] = adapter.path
+                self._keep(key, param)
+                param.copy_(as_torch(tensor).to(param.dtype))
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for key, original in self.saved.items():
+                self.state[key].copy_(original)
+        for layer in self.added_bias:
+            layer.bias = None
 
 
 def _stacked(items):
