@@ -12,7 +12,7 @@ from .query import check_metrics
 
 def set_origin(self, ref, *, endpoint: str, repo_id: str, version: str | None, commit_id: str):
     """Record where a pulled version came from (once: the first pull of these bytes wins)."""
-    from .core import now
+    from .common import now
 
     rec = self.resolve(ref)
     with self._write() as conn:
@@ -23,7 +23,7 @@ def set_origin(self, ref, *, endpoint: str, repo_id: str, version: str | None, c
 
 def add_claims(self, ref, metrics: dict, *, source: str):
     """Store what ``source`` claims about a version's metrics (replacing its earlier claim per key)."""
-    from .core import now
+    from .common import now
 
     metrics = check_metrics(metrics)
     rec = self.resolve(ref)
