@@ -23,7 +23,8 @@ list_repo_refs, whoami, hf_hub_download and snapshot_download, with:
   waits before it is applied, outside the lock, so concurrent pushes really overlap);
 - ``hostile``: a dict that turns the server into a liar: ``commit_id`` (reported for every
   commit), ``names`` (extra file names listed), ``sha256`` / ``sizes`` ({path: lie} in
-  the listing), ``serve`` ({path: other bytes} sent), ``tags`` ({name: commit} extra
+  the listing), ``serve`` ({path: other bytes} sent), ``truncate`` ({path: N}: the full length announced, N
+  bytes sent, then the connection closed), ``tags`` ({name: commit} extra
   tags), ``stall`` ((path part, seconds) before answering), ``fail`` ((path part,
   status)), ``redirect`` (a URL prefix every download is sent to) and ``listing`` (N
   junk repos appended to list_models);
@@ -713,6 +714,17 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             self.end_headers()
             return None
+        cut = h.get("truncate", {}).get(path)
+        if cut is not None:  # announce every byte, send some, hang up: a download cut off mid-file
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            raise _Dropped()
         return self._send(200, data, headers, content_type="application/octet-stream")
 
 

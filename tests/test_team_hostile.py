@@ -174,3 +174,13 @@ def test_a_huge_listing_is_refused(env, published, monkeypatch, capsys):
     env.state.hostile = {"tags": {f"t{i}": "0" * 40 for i in range(5)}}
     res = remote_list()
     assert "6 tags" in res.stderr and json.loads(res.stdout) == []
+
+
+def test_a_download_cut_off_mid_file_registers_nothing(env, published, capsys):
+    repo, _ = published
+    env.state.hostile = {"truncate": {"adapter_model.safetensors": 100}}
+    line = fails(capsys, "pull", f"{repo}@v1")
+    assert "download" in line, line
+    nothing_registered()
+    env.state.hostile = {}
+    assert json.loads(ok("pull", f"{repo}@v1", "--json"))["is_new"]  # run again: it finishes
