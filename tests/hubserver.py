@@ -706,22 +706,17 @@ class Handler(BaseHTTPRequestHandler):
         else:
             headers["ETag"] = f'"{e.oid}"'
         data = h.get("serve", {}).get(path, st.read(e.sha256))
-        if head:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            return None
         cut = h.get("truncate", {}).get(path)
-        if cut is not None:  # announce every byte, send some, hang up: a download cut off mid-file
+        if head or cut is not None:
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(data)))
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
+            if head:
+                return None
+            # announce every byte, send some, hang up: a download cut off mid-file
             self.wfile.write(data[:cut])
             self.wfile.flush()
             raise _Dropped()

@@ -63,6 +63,11 @@ def adapter_dir(models):
 
 @pytest.fixture
 def hub_env(hub, models, monkeypatch, tmp_path):
+    return point_at(hub, monkeypatch, tmp_path)
+
+
+def point_at(hub, monkeypatch, tmp_path):
+    """This process's huggingface_hub and our library, aimed at ``hub`` as user alice."""
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from hubserver import HubServer
-from test_hub import ALICE, BOB, fails, ok
+from test_hub import ALICE, BOB, fails, ok, point_at
 from tiny import make_llama, make_peft_adapter
 
 ORG = "team"
@@ -50,21 +50,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def env(hub, monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_TOKEN", ALICE)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
-    hub.state.fail_commits = hub.state.drop_commits = 0
+    point_at(hub, monkeypatch, tmp_path)
     hub.state.commit_delay = 0.0
     hub.state.hostile = {}
     return hub
@@ -330,3 +316,35 @@ def test_concurrent_pushes_get_distinct_gap_free_versions(env, models, tmp_path)
     assert stale >= 1  # they really overlapped: someone's commit was refused on a stale head
     print(f"\n{n} processes -> v2..v{n + 1}; 412 retries {stale}, 409 {taken}, "
           f"attempts {[r['attempts']['attempts'] for r in results]}")
+
+
+def test_the_test_hub_speaks_what_huggingface_hub_sends(env, models):
+    """The server's tag, refs and listing answers as huggingface_hub 2.x parses them."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo = f"{ORG}/api"
+    ok("push", str(models["a1"]), repo)
+    api = HfApi(endpoint=env.url, token=ALICE)
+    head = env.head(repo)
+    with pytest.raises(HfHubHTTPError) as e:
+        api.create_tag(repo, tag="v1", revision=head)  # exists: 409, never silently accepted
+    assert e.value.response.status_code == 409
+    api.create_tag(repo, tag="extra", revision=head)
+    refs = api.list_repo_refs(repo)
+    assert {t.name: t.target_commit for t in refs.tags} == {"v1": head, "extra": head}
+    assert api.model_info(repo, revision="extra").sha == head  # downloads resolve at a tag
+    api.delete_tag(repo, tag="extra")
+    with pytest.raises(HfHubHTTPError) as e:
+        api.delete_tag(repo, tag="extra")
+    assert e.value.response.status_code == 404
+    found = list(api.list_models(author=ORG, filter="adapterhub-local", cardData=True))
+    mine = [m for m in found if m.id == repo]
+    assert mine and "adapterhub-local" in mine[0].card_data.tags and mine[0].sha == head
+    assert not list(api.list_models(author="nobody", filter="adapterhub-local"))
+    from huggingface_hub import CommitOperationAdd
+
+    stale = env.commit_chain(repo)[1]
+    with pytest.raises(HfHubHTTPError) as e:
+        api.create_commit(repo, [CommitOperationAdd("x.txt", b"x")], commit_message="x", parent_commit=stale)
+    assert e.value.response.status_code == 412 and env.head(repo) == head

@@ -5,10 +5,13 @@ travel in ``adapterhub.json``. The protocol rests on two things the Hub refuses
 (both verified against huggingface_hub 2.4's source, hf_api.py):
 
 - ``create_commit(parent_commit=HEAD)`` is refused with HTTP 412 when main moved
-  since HEAD was read (``parent_commit`` docs, hf_api.py ~5096; the Hub answers
-  "A commit has happened since. Please refresh and try again.");
-- ``create_tag`` on an existing tag is HTTP 409 (hf_api.py ~7150: only
-  ``exist_ok=True`` swallows it, which we never pass: it would hide a collision).
+  since HEAD was read (hf_api.py 5096-5101, the ``parent_commit`` docs; the Hub
+  answers "A commit has happened since. Please refresh and try again.");
+- ``create_tag`` on an existing tag is HTTP 409 (hf_api.py 7161-7167: only
+  ``exist_ok=True`` swallows it, which we never pass: it would hide a collision);
+- ``create_commit`` whose files are all unchanged returns the head without
+  committing and without the parent check (hf_api.py 5255-5275), so "already
+  there" is decided here, from the head's adapterhub.json, never from that return.
 
 A push (``commit_version``) reads the refs and the head's adapterhub.json, takes
 N = 1 + max(highest vN tag, the version the head's adapterhub.json claims), writes
