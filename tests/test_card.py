@@ -143,3 +143,20 @@ def test_push_dry_run_builds_its_card_without_the_hub_client_or_torch(models, tm
                          env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")}, timeout=120)
     assert "dry run: nothing was sent" in out.stdout, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_adapters_train_writes_the_card_with_the_one_tag_list(tmp_path):
+    import test_train
+
+    base = test_train.make_base(tmp_path / "llama")
+    data = test_train.write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in test_train.SENTENCES * 4])
+    run("train", base, "--data", data, "--out", tmp_path / "run", "--name", "cardtest", "--max-steps", "2",
+        "--rank", "4", "--alpha", "8", "--batch-size", "2")
+    c = parse(tmp_path / "run" / "README.md")
+    assert c.data.tags == card.tags("adapter") and c.data.library_name == "peft"
+    assert c.data.base_model_relation == "adapter" and c.data.get("base_model") is None
+    assert "# cardtest" in c.text and "trained with `adapters train`" in c.text and "| train_loss |" in c.text
+    # the registered version pushed: the same tag list, plus the Hub base it is given
+    res = run("push", "cardtest", "me/cardtest", "--dry-run", "--json", "--base-model", "org/base")
+    pushed = parse(Path(json.loads(res.stdout)["staged_dir"]) / "README.md")
+    assert pushed.data.tags == card.tags("adapter", base_models=["org/base"])
