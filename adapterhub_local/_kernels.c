@@ -14,6 +14,8 @@
      NaN -> sign | 0x7e00 | top payload bits (a quiet NaN); overflow -> inf.
    Returns how many outputs are not finite (the float16 overflow check needs it).
 
+       dora_rows_cast:    out = round_to_nearest_even(t * (m / ‖t‖ per row))   (DoRA, merge/dora.py)
+
    Built with plain -O3 for the baseline ISA; on x86-64 an AVX2 + FMA + F16C path
    (intrinsics) is chosen at run time when the CPU has them, with the same bits. */
 
@@ -445,6 +447,103 @@ done:
     return result;
 }
 
+/* DoRA: one row's sum of squares (float64, 8 lanes, fixed order), then row * (m / norm), cast */
+static inline uint32_t dora_put(int ok, char *op, Py_ssize_t k, float v) {
+    uint32_t u = f32_bits(v);
+    if (ok == K_F32) {
+        memcpy(op + 4 * k, &v, 4);
+        return (u & 0x7f800000u) == 0x7f800000u;
+    }
+    uint16_t h = ok == K_BF16 ? f32_to_bf16(u) : f32_to_f16(u);
+    memcpy(op + 2 * k, &h, 2);
+    return ok == K_BF16 ? (h & 0x7f80u) == 0x7f80u : (h & 0x7c00u) == 0x7c00u;
+}
+
+static inline float dora_factor(const double *acc, float m) {
+    double ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return m / (float)sqrt(ss);
+}
+
+static uint32_t dora_row(const float *row, Py_ssize_t cols, float m, int ok, char *op) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (Py_ssize_t j = 0; j < cols; j++) acc[j & 7] += (double)row[j] * (double)row[j];
+    float f = dora_factor(acc, m);
+    uint32_t bad = 0;
+    for (Py_ssize_t j = 0; j < cols; j++) bad += dora_put(ok, op, j, row[j] * f);
+    return bad;
+}
+
+#ifdef HAVE_FMA_PATH
+__attribute__((target("avx2,fma,f16c")))
+static uint32_t dora_row_vec(const float *row, Py_ssize_t cols, float m, int ok, char *op) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();  /* lanes 0-3, 4-7 */
+    Py_ssize_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+        __m256 v = _mm256_loadu_ps(row + j);
+        __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        a0 = _mm256_add_pd(a0, _mm256_mul_pd(lo, lo));  /* the square is exact in float64 */
+        a1 = _mm256_add_pd(a1, _mm256_mul_pd(hi, hi));
+    }
+    double acc[8];
+    _mm256_storeu_pd(acc, a0);
+    _mm256_storeu_pd(acc + 4, a1);
+    for (; j < cols; j++) acc[j & 7] += (double)row[j] * (double)row[j];
+    float f = dora_factor(acc, m);
+    __m256 fv = _mm256_set1_ps(f);
+    uint32_t bad = 0;
+    for (j = 0; j + 8 <= cols; j += 8) bad += store8(ok, op + ITEM[ok] * j, _mm256_mul_ps(_mm256_loadu_ps(row + j), fv));
+    for (; j < cols; j++) bad += dora_put(ok, op, j, row[j] * f);
+    return bad;
+}
+#endif
+
+PyDoc_STRVAR(dora_rows_doc,
+"dora_rows_cast(t, rows, mag, out, out_dtype) -> int\n\n"
+"DoRA's scaling of a float32 block t (rows x cols, row-major): for each row i,\n"
+"ss = the sum of t[i,j]^2 in float64 over 8 lanes (lane j % 8, each summed in column\n"
+"order; lanes combined as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))), norm = float32(sqrt(ss)),\n"
+"f = mag[i] / norm in float32, out[i,j] = cast(t[i,j] * f). mag is float32 (rows,).\n"
+"The numpy fallback (merge.cast.dora_rows_cast) gives the same bits. Returns the number\n"
+"of outputs that are inf or NaN.");
+
+static PyObject *dora_rows_cast(PyObject *self, PyObject *args) {
+    Py_buffer t, mag, out;
+    Py_ssize_t rows;
+    const char *oname;
+    if (!PyArg_ParseTuple(args, "y*ny*w*s", &t, &rows, &mag, &out, &oname)) return NULL;
+    PyObject *result = NULL;
+    int ok = kind_of(oname);
+    if (ok < 0 || rows <= 0) {
+        PyErr_Format(PyExc_ValueError, "dora_rows_cast: bad output dtype %s or row count", oname);
+        goto done;
+    }
+    Py_ssize_t n = out.len / ITEM[ok], cols = n / rows;
+    if (out.len % ITEM[ok] || n % rows || t.len < n * 4 || mag.len < rows * 4) {
+        PyErr_SetString(PyExc_ValueError, "dora_rows_cast: buffer sizes do not match");
+        goto done;
+    }
+    Py_ssize_t bad = 0;
+    const float *tp = (const float *)t.buf, *mp = (const float *)mag.buf;
+    char *op = (char *)out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+#ifdef HAVE_FMA_PATH
+        if (vec_ok()) {
+            bad += dora_row_vec(tp + i * cols, cols, mp[i], ok, op + ITEM[ok] * i * cols);
+            continue;
+        }
+#endif
+        bad += dora_row(tp + i * cols, cols, mp[i], ok, op + ITEM[ok] * i * cols);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    PyBuffer_Release(&t);
+    PyBuffer_Release(&mag);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(use_vector_doc,
 "use_vector(flag) -> bool\n\n"
 "Allow (True) or forbid (False) the AVX2 + FMA + F16C paths; returns whether they were\n"
@@ -468,6 +567,7 @@ static PyMethodDef methods[] = {
     {"use_vector", use_vector, METH_O, use_vector_doc},
     {"add_cast", add_cast, METH_VARARGS, add_cast_doc},
     {"lowrank_add_cast", lowrank_add_cast, METH_VARARGS, lowrank_doc},
+    {"dora_rows_cast", dora_rows_cast, METH_VARARGS, dora_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

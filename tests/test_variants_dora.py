@@ -180,3 +180,32 @@ def test_inspect_shows_dora_modules_and_magnitude_stats(llama, tmp_path, capsys)
     assert run(["inspect", ad]) == 0
     out = capsys.readouterr().out
     assert "DoRA" in out
+
+
+@pytest.mark.parametrize("out_kind", ["BF16", "F16", "F32"])
+def test_dora_rows_kernel_gives_the_numpy_fallbacks_bits(out_kind):
+    import numpy as np
+
+    from adapterhub_local.merge import cast
+
+    if cast._kernels is None:
+        pytest.skip("C kernel not built")
+    rng = np.random.default_rng(0)
+    for rows, cols in ((7, 37), (12, 2048), (3, 8), (5, 1)):
+        t = (rng.standard_normal((rows, cols)) * rng.choice([1e-3, 1.0, 3e4], (rows, 1))).astype(np.float32)
+        t[0, :] = 0  # a zero row: 0/0
+        mag = rng.standard_normal(rows).astype(np.float32) * 50
+        item = 4 if out_kind == "F32" else 2
+        want = bytearray(rows * cols * item)
+        bad_np = cast._numpy_dora_rows_cast(t.reshape(-1), rows, mag, want, out_kind)
+        for vector in (True, False):  # the AVX2 path and the portable C path
+            was = cast._kernels.use_vector(vector)
+            try:
+                got = bytearray(rows * cols * item)
+                bad_c = cast._kernels.dora_rows_cast(t.reshape(-1), rows, mag, got, out_kind)
+            finally:
+                cast._kernels.use_vector(was)
+            assert bytes(got) == bytes(want) and bad_c == bad_np >= cols
+        # and the norm is the float64 norm, rounded
+        norms = cast.row_norms(t)
+        np.testing.assert_allclose(norms, np.linalg.norm(t.astype(np.float64), axis=1), rtol=1e-7)

@@ -150,3 +150,37 @@ def lowrank_add_cast(src, src_dtype: str, left: np.ndarray, packed: np.ndarray, 
     if src_dtype not in KINDS or out_dtype not in KINDS:
         raise ValueError(f"unsupported dtype pair {src_dtype} -> {out_dtype}")
     return _numpy_lowrank_add_cast(src, src_dtype, left, packed, rank, out, out_dtype)
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """float32 ‖row‖ of a float32 (rows, cols) array, summed as the C kernel's dora_rows_cast sums."""
+    rows, cols = x.shape
+    lanes = np.zeros((rows, -(-cols // 8) * 8), dtype=np.float64)
+    lanes[:, :cols] = x
+    lanes *= lanes  # exact: a float32 square fits in float64
+    lanes = lanes.reshape(rows, -1, 8)
+    acc = np.zeros((rows, 8), dtype=np.float64)
+    for k in range(lanes.shape[1]):  # each lane in column order, as the C loop
+        acc += lanes[:, k, :]
+    ss = ((acc[:, 0] + acc[:, 1]) + (acc[:, 2] + acc[:, 3])) + ((acc[:, 4] + acc[:, 5]) + (acc[:, 6] + acc[:, 7]))
+    return np.sqrt(ss).astype(np.float32)
+
+
+def _numpy_dora_rows_cast(t, rows: int, mag, out, out_dtype: str) -> int:
+    n = memoryview(out).nbytes // (4 if out_dtype == "F32" else 2)
+    x = np.frombuffer(t, dtype=np.float32, count=n).reshape(rows, n // rows)
+    with np.errstate(all="ignore"):
+        f = np.asarray(mag, dtype=np.float32)[:rows] / row_norms(x)
+        v = (x * f[:, None]).astype(np.float32).reshape(-1)
+    return _numpy_add_cast(v, "F32", None, out, out_dtype)
+
+
+def dora_rows_cast(t, rows: int, mag, out, out_dtype: str) -> int:
+    """DoRA's row scaling of a float32 block ``t`` (rows x cols): out = cast(t · m/‖t‖), the norm
+    per row summed in float64 over 8 lanes in a fixed order, so C and numpy agree bit for bit
+    (merge/dora.py). Returns the non-finite count."""
+    if _kernels is not None and hasattr(_kernels, "dora_rows_cast"):
+        return _kernels.dora_rows_cast(t, rows, mag, out, out_dtype)
+    if out_dtype not in KINDS:
+        raise ValueError(f"unsupported output dtype {out_dtype}")
+    return _numpy_dora_rows_cast(t, rows, mag, out, out_dtype)

@@ -14,9 +14,12 @@ of an embedding (num_embeddings, dim) (DoraEmbeddingLayer: magnitude per embeddi
 those take one extra read of the tensor first to sum the column squares. The result therefore
 depends on the order of the adapters on the command line, as PEFT's does.
 
-Each ΔWᵢ comes from the same C kernel as a plain merge (an fma chain in rank order, added to
-zero), consecutive plain adapters as one stacked product; everything is float32, squares
-summed in float64, and the block is cast once at the end (stream.compute_tensor).
+Each ΔWᵢ comes from the same C kernel as a plain merge (an fma chain in rank order),
+consecutive plain adapters as one stacked product; everything is float32, squares summed in
+float64 (8 lanes in a fixed order: cast.dora_rows_cast, C or numpy, same bits), and the block
+is cast once at the end. The usual case, one DoRA adapter on a Linear weight, is two fused
+passes: the kernel writes W₀ + ΔW as float32, and dora_rows_cast scales each row (still in
+cache) by m/‖row‖ and casts it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from ..errors import AdapterHubError
 from ..lora import LoraModule
-from .cast import lowrank_add_cast
+from .cast import add_cast, dora_rows_cast, lowrank_add_cast, row_norms
 
 
 def has_dora(deltas) -> bool:
@@ -66,6 +69,23 @@ class DoraTensor:
             self.segments.append(("plain", _stacked_packed(run, self.transposed)))
         self.colsq = [np.zeros(row, dtype=np.float64) if s[0] == "dora" else None for s in self.segments]
         self._zero = np.zeros(0, dtype=np.float32)
+        self._t = np.zeros(0, dtype=np.float32)
+        self.fast = len(self.segments) == 1 and not self.transposed
+
+    def write(self, src, src_kind: str, r0: int, r1: int, out, out_kind: str) -> int:
+        """Rows r0:r1 merged and cast into ``out``; returns the non-finite count."""
+        if self.fast:  # one DoRA adapter on a Linear weight: two fused passes
+            n = (r1 - r0) * self.row
+            if self._t.shape[0] < n:
+                self._t = np.empty(n, dtype=np.float32)
+            left, packed, rank = self.segments[0][1]
+            lowrank_add_cast(src, src_kind, left[r0:r1], packed, rank, self._t[:n], "F32")
+            return dora_rows_cast(self._t[:n], r1 - r0, self.segments[0][2][r0:r1], out, out_kind)
+        from .cast import to_f32
+
+        base = src if src_kind == "F32" else to_f32(src, src_kind)
+        base = base if isinstance(base, np.ndarray) else np.frombuffer(base, dtype=np.float32)
+        return add_cast(self.block(base, r0, r1), "F32", None, out, out_kind)
 
     @property
     def needs_prepass(self) -> bool:
@@ -101,9 +121,7 @@ class DoraTensor:
                 norm = np.sqrt(colsq).astype(np.float32)
                 factor = (seg[2] / norm)[None, :]
             else:
-                t = w0 + d
-                norm = np.sqrt(np.einsum("ij,ij->i", t, t, dtype=np.float64)).astype(np.float32)
-                factor = (seg[2][r0:r1] / norm)[:, None]
+                factor = (seg[2][r0:r1] / row_norms(w0 + d))[:, None]
             with np.errstate(all="ignore"):
                 acc = factor * (acc + d)
         return np.ascontiguousarray(acc, dtype=np.float32).reshape(-1)

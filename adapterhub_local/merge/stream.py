@@ -531,9 +531,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
         elif fused:
             bad = lowrank_add_cast(src, src_kind, left[r0:r1], packed, rank, out, out_kind)
         elif dora is not None:
-            base = src if src_kind == "F32" else to_f32(src, src_kind)
-            base = np.frombuffer(base, dtype=np.float32) if not isinstance(base, np.ndarray) else base
-            bad = add_cast(dora.block(base, r0, r1), "F32", None, out, out_kind)
+            bad = dora.write(src, src_kind, r0, r1, out, out_kind)
         else:
             d = None
             if products or bias is not None:
