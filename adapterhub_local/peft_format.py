@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidAdapter, UnsupportedAdapter
+from .experts import ExpertFactors, candidates, is_expert_module
 from .fsutil import check_folder
 from .lora import LoraModule, module_rank_alpha, scaling
 from .variants import classify_key, refused_fields
@@ -79,6 +80,7 @@ class LoraAdapter:
     path: Path | None = None
     dtypes: dict[str, str] = field(default_factory=dict)  # PEFT key -> dtype in the file read
     notes: list[str] = field(default_factory=list)  # tensors skipped on purpose (variants.IGNORED_TENSORS)
+    experts: list[ExpertFactors] = field(default_factory=list)  # target_parameters (experts.py)
 
     @property
     def dora_modules(self) -> list[str]:
@@ -95,7 +97,7 @@ class LoraAdapter:
     def num_parameters(self) -> int:
         return sum(m.num_parameters() for m in self.modules.values()) + sum(
             math.prod(t.shape) for t in self.extra.values()
-        )
+        ) + sum(math.prod(g.A.shape) + math.prod(g.B.shape) for g in self.experts)
 
     def targets(self) -> list[str]:
         """Short target names (q_proj, v_proj, ...), sorted."""
@@ -125,6 +127,9 @@ class LoraAdapter:
                     out[f"{PREFIX}{name}.lora_B.bias"] = m.bias
             if m.magnitude is not None:
                 out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
+        for g in self.experts:
+            out[f"{PREFIX}{g.key}.lora_A.weight"] = g.A
+            out[f"{PREFIX}{g.key}.lora_B.weight"] = g.B
         for key, t in self.extra.items():
             out[f"{PREFIX}{key}"] = t
         return out
@@ -227,7 +232,20 @@ def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
     use_rslora = bool(cfg.get("use_rslora", False))
     fifo = bool(cfg.get("fan_in_fan_out", False))
     modules: dict[str, LoraModule] = {}
+    experts: list[ExpertFactors] = []
     for name, p in sorted(parts.items()):
+        if is_expert_module(name, cfg):  # experts.py: which parameter is decided against the base
+            if set(p) != {"lora_A", "lora_B"}:
+                raise UnsupportedAdapter(wfile, f"{name}: expert LoRA with {', '.join(sorted(set(p) - {'lora_A', 'lora_B'})) or 'a missing factor'} "
+                                         "is not supported (only lora_A and lora_B)")
+            a, b = p["lora_A"], p["lora_B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise InvalidAdapter(wfile, f"{name}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain")
+            experts.append(ExpertFactors(name.replace(".base_layer", ""), name.count(".base_layer"), a, b))
+            continue
+        if ".base_layer." in name + ".":
+            raise UnsupportedAdapter(wfile, f"tensors {name}.lora_*: factors of a nested adapter layer (two LoRA "
+                                     "wrappers on one module) without target_parameters naming it")
         mag = p.get("lora_magnitude_vector")
         if mag is not None and not cfg.get("use_dora"):
             raise InvalidAdapter(wfile, f"{name} has a DoRA lora_magnitude_vector but use_dora is not set "
@@ -266,8 +284,10 @@ def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
             name=name, A=a, B=b, scale=scaling(r, alpha, use_rslora), kind=kind,
             fan_in_fan_out=fifo and kind == "linear", bias=bias, r=r, alpha=alpha, magnitude=mag,
         )
+    if not modules and not experts and not extra:
+        raise InvalidAdapter(wfile, "contains no LoRA modules")
     return LoraAdapter(config=cfg, modules=modules, extra=extra, path=where if where.is_dir() else None,
-                       notes=notes)
+                       notes=notes, experts=experts)
 
 
 def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False,
@@ -333,5 +353,10 @@ def adapter_summary(adapter: LoraAdapter) -> dict:
         "use_dora": bool(cfg.get("use_dora")),
         "dora_modules": len(adapter.dora_modules),
         "notes": list(adapter.notes),
+        "target_parameters": cfg.get("target_parameters") or [],
+        # which parameter each wrapper holds is decided against the base (experts.py); here: the candidates
+        "expert_lora": [{"module": g.module, "key": g.key, "depth": g.depth, "lora_A": list(g.A.shape),
+                         "lora_B": list(g.B.shape), "parameters": candidates(g.module, cfg)}
+                        for g in adapter.experts],
         "modules": modules,
     }

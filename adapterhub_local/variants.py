@@ -112,7 +112,9 @@ FIELDS: dict[str, Field] = {
     "runtime_config": Field(IGNORED, "runtime placement (ephemeral GPU offload); not saved math"),
     "lora_bias": Field(SUPPORTED, "lora_B.bias added to the base bias"),
     "target_parameters": Field(
-        REFUSED, "LoRA on MoE expert parameters (PEFT's ParamWrapper) is not supported yet"),
+        SUPPORTED, "LoRA on MoE expert parameters (PEFT's ParamWrapper): merged into a base stored per "
+        "expert (experts.N.gate_proj/up_proj/down_proj, w1/w3/w2); a fused-expert checkpoint, stack, "
+        "interpolate and --into-adapter are refused by name"),
     "use_bdlora": Field(REFUSED, "BD-LoRA uses block-diagonal factors (variants.py BdLoraLinearVariant)"),
     "arrow_config": Field(REFUSED, "Arrow routes each token among several LoRA experts: no single merged weight"),
     "kasa_config": Field(
@@ -146,7 +148,7 @@ class KeyKind:
 def classify_key(short: str) -> KeyKind:
     """What a state-dict key (PEFT's ``base_model.model.`` prefix removed) holds."""
     m = _FACTOR.match(short)
-    if m and ".base_layer." not in m.group("module") + ".":
+    if m:  # under nested ".base_layer"s: another wrapper's factors (peft_format / experts.py decide)
         part = m.group("part") + (".bias" if m.group("leaf") == "bias" else "")
         return KeyKind("factor", m.group("module"), part)
     seg = _LORA_SEGMENT.search(short)
@@ -154,9 +156,6 @@ def classify_key(short: str) -> KeyKind:
         name = seg.group(1)
         if name in IGNORED_TENSORS:
             return KeyKind("ignored", note=f"{short}: {IGNORED_TENSORS[name]}")
-        if m:  # factors under a nested base_layer: a second wrapper on another parameter
-            return KeyKind("refused", note=f"tensor {short} belongs to a nested adapter layer "
-                           "(two LoRA wrappers on one module, e.g. MoE target_parameters), which is not supported")
         return KeyKind("refused", note=f"tensor {short}: {name} is a LoRA variant's tensor we do not implement")
     if short.endswith(".base_layer.weight") and short.count(".base_layer.") == 1:
         # PEFT saves a targeted embedding's full matrix as "<module>.base_layer.weight"
@@ -189,6 +188,11 @@ def refuse_dora_algebra(ref: str, adapter) -> None:
     so no combination of factors reproduces it."""
     from .errors import UnsupportedAdapter
 
+    if adapter.experts:
+        raise UnsupportedAdapter(
+            ref, f"LoRA on MoE expert parameters (target_parameters, e.g. {adapter.experts[0].key}): stack, "
+            "interpolate and --into-adapter are not supported for it",
+            "merge it into the base instead: adapters merge BASE_DIR REF [REF ...] --out DIR")
     dora = adapter.dora_modules
     if dora:
         raise UnsupportedAdapter(

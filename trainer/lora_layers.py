@@ -299,6 +299,9 @@ def extract_adapter(model: nn.Module, *, base_model_name_or_path: str | None = N
 
 
 def _check_compatible(model: nn.Module, adapter: LoraAdapter) -> None:
+    if adapter.experts:
+        raise TargetError("LoRA on MoE expert parameters (target_parameters) cannot be applied in memory here",
+                          "merge it into the base: adapters merge BASE_DIR REF --out DIR")
     for name, mod in adapter.modules.items():
         try:
             base = model.get_submodule(name)

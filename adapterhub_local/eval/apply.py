@@ -43,11 +43,11 @@ def applied(model, adapters: list[tuple[object, float]]):
 
     keys: set[str] = set()
     for adapter, _ in adapters:
-        if adapter.dora_modules:  # W + Σ wᵢ·ΔWᵢ would be wrong for DoRA (variants.py)
+        if adapter.dora_modules or adapter.experts:  # not W + Σ wᵢ·ΔWᵢ on module weights (variants.py)
             from ..errors import UnsupportedAdapter
 
-            raise UnsupportedAdapter(adapter.path or "adapter", "DoRA adapter: applying it in memory is not "
-                                     "supported (its update is not additive)",
+            raise UnsupportedAdapter(adapter.path or "adapter", "DoRA or MoE expert adapter: applying it in "
+                                     "memory is not supported",
                                      "merge it into the base (adapters merge BASE_DIR REF --out DIR) and "
                                      "evaluate the merged model")
         keys.update(m.weight_key for m in adapter.modules.values())

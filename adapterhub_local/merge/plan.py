@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AdapterHubError, InvalidAdapter, ShapeMismatch
+from ..experts import expert_modules
 from ..lora import LoraModule
 from .inputs import MergeInput
 from .io import FLOAT_ST
@@ -71,8 +72,11 @@ def plan_edits(inputs: list[MergeInput], infos, tied_embed: str | None, report: 
 
     for inp in inputs:
         where = str(inp.folder)
-        module_keys = {m.weight_key for m in inp.adapter.modules.values()}
-        for m in inp.adapter.modules.values():
+        # MoE expert LoRA (target_parameters) becomes per-expert modules on this base (experts.py)
+        mods = [*inp.adapter.modules.values(),
+                *expert_modules(where, inp.adapter.config, inp.adapter.experts, infos)]
+        module_keys = {m.weight_key for m in mods}
+        for m in mods:
             key = m.weight_key
             if key not in available:
                 raise InvalidAdapter(where, f"module {m.name} targets {key}, which the base model does not have",

@@ -1,0 +1,149 @@
+"""LoRA on MoE expert parameters (PEFT's ``target_parameters`` / ``lora.ParamWrapper``).
+
+What PEFT 0.21 saves (peft/tuners/lora/layer.py, class ParamWrapper):
+
+* an experts module whose 3-D parameter (E, d1, d2) is targeted gets ``lora_A`` of shape
+  (E·r, in) and ``lora_B`` of shape (out, E·r) (ParamWrapper.update_layer). Without
+  ``is_transposed`` on the experts class (Qwen3-MoE, Mixtral, ...) the parameter is
+  (E, out, in); with it (GPT-OSS) (E, in, out) (ParamWrapper._get_in_out_features);
+* ``lora_A`` rows are grouped by expert: expert e owns rows [e·r, (e+1)·r); ``lora_B``
+  columns are interleaved: expert e owns columns e, E+e, 2E+e, ... (ParamWrapper.get_delta_weight:
+  A.reshape(E, r, in), B.reshape(out, r, E)), so ΔW[e] = s · B[:, e::E] @ A[e·r:(e+1)·r];
+* two targeted parameters of one module are two nested wrappers: the keys
+  ``<module>.lora_A`` (outermost) and ``<module>.base_layer.lora_A`` (the next one in) belong
+  to DIFFERENT parameters (tuners_utils.BaseTuner._inject_parameters wraps them in the
+  module's parameter order). Which one is which is decided here from the shapes against
+  the base model, never by stripping ``.base_layer.``; when shapes cannot tell, refused.
+
+transformers 5 keeps the experts fused in memory (``experts.gate_up_proj`` (E, 2I, H),
+``experts.down_proj`` (E, H, I)) but ``save_pretrained`` writes many models' checkpoints in
+the per-expert layout (transformers/conversion_mapping.py: ``mlp.experts.N.gate_proj`` and
+``up_proj`` concatenated on dim 1 into gate_up_proj, ``down_proj`` stacked; Mixtral's
+``block_sparse_moe.experts.N.w1``/``w3``/``w2``). For such a base every expert's delta is an
+ordinary LoRA delta on ``experts.N.<part>.weight`` (rows [o0, o1) of the fused slice), so
+the streamed merge takes them as plain modules. A base that stores the fused 3-D tensor
+itself is refused for now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UnsupportedAdapter
+from .lora import LoraModule, module_rank_alpha, scaling
+
+# fused parameter -> its per-expert parts, in the order they are concatenated (dim 1 of the
+# fused tensor, i.e. the rows of one expert's (out, in) slice): one entry per naming scheme
+SPLITS: dict[str, list[tuple[str, ...]]] = {
+    "gate_up_proj": [("gate_proj", "up_proj"), ("w1", "w3")],
+    "down_proj": [("down_proj",), ("w2",)],
+}
+
+
+# module paths the checkpoint uses instead of the in-memory one (transformers/conversion_mapping.py,
+# "mixtral": WeightRenaming(".block_sparse_moe.", ".mlp."))
+MODULE_RENAMES = [(".mlp.experts", ".block_sparse_moe.experts")]
+
+
+@dataclass
+class ExpertFactors:
+    """One ParamWrapper's saved factors, before we know which parameter it wraps."""
+
+    module: str  # the experts module, ".base_layer" segments removed
+    depth: int  # 0: the outermost wrapper (key "<module>.lora_A"), 1: "<module>.base_layer.lora_A", ...
+    A: object  # (E·r, in)
+    B: object  # (out, E·r)
+
+    @property
+    def key(self) -> str:
+        return self.module + ".base_layer" * self.depth
+
+
+def is_expert_module(name: str, cfg: dict) -> bool:
+    stripped = name.replace(".base_layer", "")
+    for p in cfg.get("target_parameters") or []:
+        mod = str(p).rpartition(".")[0]
+        if mod and (stripped == mod or stripped.endswith("." + mod)):
+            return True
+    return False
+
+
+def candidates(module: str, cfg: dict) -> list[str]:
+    """Full parameter names that target_parameters points at on ``module``."""
+    out = []
+    for p in cfg.get("target_parameters") or []:
+        mod, _, param = str(p).rpartition(".")
+        if mod and (module == mod or module.endswith("." + mod)) and f"{module}.{param}" not in out:
+            out.append(f"{module}.{param}")
+    return out
+
+
+def _per_expert_layout(param: str, infos) -> tuple[int, list[tuple[str, int, int]], int] | None:
+    """(num_experts, [(disk module.part, row0, row1)], in_features) when the base stores ``param``
+    per expert."""
+    mem_module, _, name = param.rpartition(".")
+    disk = [mem_module] + [mem_module.replace(a, b) for a, b in MODULE_RENAMES if a in mem_module + "."]
+    for module, parts in ((m, p) for m in disk for p in SPLITS.get(name, [])):
+        first = [f"{module}.0.{p}.weight" for p in parts]
+        if not all(k in infos and len(infos[k].shape) == 2 for k in first):
+            continue
+        e = 0
+        while all(f"{module}.{e}.{p}.weight" in infos for p in parts):
+            e += 1
+        rows, r0 = [], 0
+        for p, k in zip(parts, first):
+            o = int(infos[k].shape[0])
+            rows.append((f"{module}.{{e}}.{p}", r0, r0 + o))
+            r0 += o
+        ins = {int(infos[k].shape[1]) for k in first}
+        if len(ins) == 1:
+            return e, rows, ins.pop()
+    return None
+
+
+def expert_modules(where, cfg: dict, groups: list[ExpertFactors], infos) -> list[LoraModule]:
+    """The per-expert LoRA modules of ``groups`` on a base with tensor ``infos``."""
+    if not groups:
+        return []
+    use_rslora = bool(cfg.get("use_rslora"))
+    out: list[LoraModule] = []
+    by_module: dict[str, list[ExpertFactors]] = {}
+    for g in groups:
+        by_module.setdefault(g.module, []).append(g)
+    for module, gs in sorted(by_module.items()):
+        names = candidates(module, cfg)
+        layouts = {}
+        for p in names:
+            fused = [f for f in [p] + [p.replace(a, b) for a, b in MODULE_RENAMES if a in p] if f in infos]
+            if fused:
+                raise UnsupportedAdapter(where, f"{fused[0]}: the base stores the fused expert tensor "
+                                         f"({list(infos[fused[0]].shape)}); merging expert LoRA into a fused "
+                                         "checkpoint is not supported yet",
+                                         "merge it with PEFT itself (merge_and_unload)")
+            lay = _per_expert_layout(p, infos)
+            if lay is not None:
+                layouts[p] = lay
+        taken: set[str] = set()
+        for g in sorted(gs, key=lambda g: g.depth):
+            fits = []
+            for p, (num, rows, inn) in layouts.items():
+                r, alpha = module_rank_alpha(cfg, p)
+                if (tuple(g.A.shape) == (num * r, inn) and tuple(g.B.shape) == (rows[-1][2], num * r)
+                        and p not in taken):
+                    fits.append((p, num, rows, r, alpha))
+            if len(fits) != 1:
+                what = "no" if not fits else "more than one"
+                raise UnsupportedAdapter(
+                    where, f"expert LoRA {g.key} (lora_A {list(g.A.shape)}, lora_B {list(g.B.shape)}) fits {what} "
+                    f"target parameter of the base ({', '.join(names) or 'target_parameters names none'})",
+                    "is this the base it was trained on? (per-expert layouts known: "
+                    "gate_proj/up_proj/down_proj, w1/w3/w2)")
+            p, num, rows, r, alpha = fits[0]
+            taken.add(p)
+            s = scaling(r, alpha, use_rslora)
+            for e in range(num):
+                a = g.A[e * r : (e + 1) * r]
+                b = g.B[:, e::num]
+                for name, r0, r1 in rows:
+                    out.append(LoraModule(name=name.format(e=e), A=a, B=b[r0:r1], scale=s, r=r, alpha=alpha))
+    return out

@@ -1,0 +1,169 @@
+"""LoRA on MoE expert parameters (target_parameters), against PEFT on tiny transformers MoE models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import input_ids, load_model
+
+from adapterhub_local.cli import main
+
+
+def run(args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def make_moe(out: Path, kind: str) -> Path:
+    torch.manual_seed(0)
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                             num_experts_per_tok=2, head_dim=8, max_position_embeddings=64)
+        model = Qwen3MoeForCausalLM(cfg)
+    else:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                            num_experts_per_tok=2, max_position_embeddings=64)
+        model = MixtralForCausalLM(cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def experts_path(kind: str) -> str:
+    return "mlp.experts" if kind == "qwen3_moe" else "mlp.experts"
+
+
+def make_expert_adapter(base: Path, out: Path, seed: int = 1, **kw) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base)
+    kw.setdefault("r", 2)
+    kw.setdefault("lora_alpha", 4)
+    kw.setdefault("target_modules", ["q_proj"])
+    peft_model = get_peft_model(model, LoraConfig(**kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_merged(base: Path, adapters: list[Path]):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base), str(adapters[0]), adapter_name="a0")
+    for i, ad in enumerate(adapters[1:], 1):
+        model.load_adapter(str(ad), adapter_name=f"a{i}")
+    with torch.no_grad():
+        if len(adapters) == 1:
+            want_peft = model(input_ids()).logits
+        else:
+            want_peft = None
+    merged = model.merge_and_unload(adapter_names=[f"a{i}" for i in range(len(adapters))]).eval()
+    with torch.no_grad():
+        lg = merged(input_ids()).logits
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}, lg, want_peft
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe(request, tmp_path_factory):
+    return request.param, make_moe(tmp_path_factory.mktemp("moe") / request.param, request.param)
+
+
+TP = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def test_base_is_saved_per_expert_and_nested_keys_are_two_parameters(moe, tmp_path):
+    kind, base = moe
+    names = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (base / "model.safetensors.index.json").exists() else load_file(base / "model.safetensors")
+    assert not any(k.endswith("experts.gate_up_proj") for k in names)  # per-expert layout on disk
+    ad = make_expert_adapter(base, tmp_path / "a", target_parameters=TP)
+    keys = load_file(ad / "adapter_model.safetensors")
+    assert any(".experts.base_layer.lora_A" in k for k in keys) and any(".experts.lora_A" in k for k in keys)
+
+
+@pytest.mark.parametrize("kw", [
+    {"target_parameters": TP},
+    {"target_parameters": TP, "rank_pattern": {"mlp.experts.down_proj": 3}, "alpha_pattern": {"q_proj": 2}},
+    {"target_parameters": ["mlp.experts.down_proj"], "use_rslora": True, "target_modules": ["q_proj", "o_proj"]},
+], ids=["both", "rank_pattern", "one_param_rslora"])
+def test_expert_lora_merge_equals_peft(moe, tmp_path, kw):
+    kind, base = moe
+    ad = make_expert_adapter(base, tmp_path / "a", **kw)
+    want, want_logits, peft_logits = peft_merged(base, [ad])
+    assert run(["merge", base, ad, "--out", tmp_path / "m"]) == 0
+    model = load_model(tmp_path / "m")
+    got = model.state_dict()
+    for k, w in want.items():
+        err = (got[k].float() - w.float()).norm() / w.float().norm()
+        assert err <= 1e-5, (k, err)
+    changed = [k for k in want if "experts" in k and not torch.equal(want[k], load_model(base).state_dict()[k])]
+    assert changed
+    with torch.no_grad():
+        lg = model(input_ids()).logits
+    torch.testing.assert_close(lg, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lg, peft_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_two_expert_adapters_merge_like_peft(moe, tmp_path):
+    kind, base = moe
+    a = make_expert_adapter(base, tmp_path / "a", seed=1, target_parameters=TP)
+    b = make_expert_adapter(base, tmp_path / "b", seed=2, target_parameters=TP, r=3)  # PEFT: same parameters
+    want, want_logits, _ = peft_merged(base, [a, b])
+    assert run(["merge", base, a, b, "--out", tmp_path / "m"]) == 0
+    with torch.no_grad():
+        lg = load_model(tmp_path / "m")(input_ids()).logits
+    torch.testing.assert_close(lg, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_lists_expert_lora_and_algebra_is_refused(moe, tmp_path, capsys):
+    kind, base = moe
+    ad = make_expert_adapter(base, tmp_path / "a", target_parameters=TP)
+    capsys.readouterr()
+    assert run(["inspect", ad, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["target_parameters"] == sorted(TP) or sorted(s["target_parameters"]) == sorted(TP)
+    keys = {e["key"] for e in s["expert_lora"]}
+    assert "model.layers.0.mlp.experts" in keys and "model.layers.0.mlp.experts.base_layer" in keys
+    assert all(sorted(e["parameters"]) == sorted(f"model.layers.{e['module'].split('.')[2]}.{p}" for p in TP)
+               for e in s["expert_lora"])
+    for args in (["stack", ad, ad, "--out", tmp_path / "o"], ["merge", ad, ad, "--into-adapter", "--out",
+                                                                tmp_path / "o"]):
+        capsys.readouterr()
+        assert run(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "MoE expert parameters" in err[0] and "merge it into the base" in err[0]
+
+
+def test_a_fused_expert_checkpoint_is_refused_by_name(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = make_moe(tmp_path / "q", "qwen3_moe")
+    ad = make_expert_adapter(base, tmp_path / "a", target_parameters=TP)
+    fused = tmp_path / "fused"
+    shutil.copytree(base, fused)
+    state = {k: v.contiguous() for k, v in load_model(base).state_dict().items()}  # in-memory: fused experts
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run(["merge", fused, ad, "--out", tmp_path / "m"]) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "experts.gate_up_proj" in err[0] and "fused expert tensor" in err[0]
+    assert not (tmp_path / "m").exists()
