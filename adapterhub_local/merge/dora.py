@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import AdapterHubError
-from ..lora import LoraModule
+from ..lora import LoraModule, as_numpy
 from .cast import add_cast, dora_rows_cast, lowrank_add_cast, row_norms
 
 
@@ -38,9 +38,10 @@ def has_dora(deltas) -> bool:
 class DoraTensor:
     """The merge of one tensor that has at least one DoRA adapter on it."""
 
-    def __init__(self, name: str, deltas: list[tuple[LoraModule, float]], rows: int, row: int):
-        from .stream import _as_f32, _stacked_packed
-
+    def __init__(self, name: str, deltas: list[tuple[LoraModule, float]], rows: int, row: int, pack):
+        """``pack(mods, transposed)`` -> (left, packed right, rank): stream.py's operand builder for
+        the kernel, handed in so this module does not import stream (which imports it)."""
+        _stacked_packed = pack
         transposed = {m.transposed for m, _ in deltas}
         if len(transposed) != 1:
             raise AdapterHubError(f"{name}: adapters of both orientations on one DoRA module")
@@ -60,7 +61,7 @@ class DoraTensor:
             if run:
                 self.segments.append(("plain", _stacked_packed(run, self.transposed)))
                 run = []
-            mag = _as_f32(m.magnitude).reshape(-1)
+            mag = np.ascontiguousarray(as_numpy(m.magnitude), dtype=np.float32).reshape(-1)
             if mag.shape[0] != (row if self.transposed else rows):
                 raise AdapterHubError(f"{name}: lora_magnitude_vector has {mag.shape[0]} values for "
                                       f"{row if self.transposed else rows} output features")

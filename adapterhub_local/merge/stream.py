@@ -475,7 +475,7 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     if e.bias:
         bias = sum(_as_f32(m.bias) * np.float32(m.scale * w) for m, w in e.bias)
     rows, row, block = block_rows(info.shape)
-    dora = DoraTensor(t.name, e.deltas, rows, row) if has_dora(e.deltas) else None
+    dora = DoraTensor(t.name, e.deltas, rows, row, _stacked_packed) if has_dora(e.deltas) else None
     if replacement is not None:
         replacement = replacement.reshape(rows, row)
     if bias is not None:
