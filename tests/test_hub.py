@@ -425,7 +425,7 @@ def test_pull_brings_lineage_and_fingerprint(hub_env, models, base_dir, adapter_
     assert shown["base_fingerprint"] == child.base_fingerprint
     # what the repo says about its metrics is its claim, not a measurement of this registry
     assert shown["metrics"] == {} and shown["claims"] == {"eval_loss": 0.9}
-    assert shown["claims_source"] == "alice/support-with-parent@main"
+    assert shown["claims_source"] == "alice/support-with-parent@v1"  # main's head is that push's v1
     assert shown["origin"]["repo_id"] == "alice/support-with-parent" and shown["origin"]["commit_id"] == head
     assert shown["files"]["adapter_model.safetensors"] == child.files["adapter_model.safetensors"]
     assert shown["provenance"]["commit_id"] == head

@@ -111,6 +111,10 @@ def test_two_machines_push_alias_list_pull(env, models, tmp_path, monkeypatch):
     text = ok("show", pulled["ref"])
     assert f"{repo}@v1 (commit {p1['commit_id']}" in text and f"claimed by {repo}@v1" in text
     assert shown["metrics"] == {} and shown["claims"] == {"eval_loss": 1.5}
+    # plain ORG/NAME is main's head, which is v3 (v1's bytes again): recorded as v3 on the same version
+    head = js("pull", repo)
+    assert head["hub_version"] == "v3" and head["revision"] == "v3" and head["ref"] == pulled["ref"]
+    assert [h["revision"] for h in js("show", pulled["ref"])["hub"]] == ["v1", "v3"]
 
 
 def test_claims_never_rank_with_local_measurements_unless_asked(env, models, tmp_path, monkeypatch):

@@ -286,6 +286,14 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         prov = None
         if (dl / PROVENANCE_NAME).is_file():  # a file we cannot accept stops the pull, in one line
             prov = read_provenance(dl / PROVENANCE_NAME, where=f"{repo_id}@{commit[:12]}/{PROVENANCE_NAME}")
+        claimed = ((prov or {}).get("team") or {}).get("version")
+        if version is None and claimed is not None and (revision is None or revision == "main"):
+            # a team repo's head pulled by branch: when it is a tagged version, record it as one
+            from .remote import read_refs
+
+            refs = read_refs(api, repo_id, ep, authenticated=authed)
+            if refs.versions.get(claimed) == commit:
+                version, revision = claimed, f"v{claimed}"
         if prov is not None:
             for fname, digest in (prov.get("files") or {}).items():
                 if fname in hashes and hashes[fname] != digest:
