@@ -188,7 +188,7 @@ def _base_problems(p: Profile, facts: AdapterFacts, kinds: list[TensorKind], bas
     out: list[Problem] = []
     base_mods = base.modules()
     suffixes = {n.rsplit(".", 1)[-1] for n in base_mods}
-    lora = {k.module: k for k in kinds if k.kind in ("lora", "embedding")}
+    lora = {k.module: k for k in kinds if k.kind in ("lora", "embedding") and k.part == "A"}
     names = sorted(lora)
     unexpected = [n for n in names if n.rsplit(".", 1)[-1] not in suffixes]
     unmatched = [n for n in names if n not in base_mods]
@@ -205,7 +205,7 @@ def _base_problems(p: Profile, facts: AdapterFacts, kinds: list[TensorKind], bas
                            source=p.module_source))
     for n in names:
         k = lora[n]
-        if n not in base_mods or k.part != "A":
+        if n not in base_mods:
             continue
         if k.kind == "embedding":
             if base.vocab_size is not None and len(k.shape) == 2 and k.shape[1] != base.vocab_size:

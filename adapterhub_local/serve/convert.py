@@ -67,8 +67,9 @@ def _load_mods(facts: AdapterFacts, cfg: dict):
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterHubError(f"{safe(k.module)}: factors {list(a.shape)} and {list(b.shape)} disagree with "
                                   f"r={r} from adapter_config.json")
-        mods[k.module] = Mod(k.module, k.kind, a, b, r, alpha, scaling(r, alpha, use_rslora),
-                             fan_in_fan_out=fifo and k.kind == "linear")
+        kind = "embedding" if k.kind == "embedding" else "linear"
+        mods[k.module] = Mod(k.module, kind, a, b, r, alpha, scaling(r, alpha, use_rslora),
+                             fan_in_fan_out=fifo and kind == "linear")
     return mods, other
 
 
