@@ -19,8 +19,7 @@ from .context import AppContext
 
 # Each module exposes COMMANDS: a list of click commands.
 COMMAND_MODULES = ["core_cmds", "train_cmds", "registry_cmds", "merge_cmds", "hub_cmds", "remote_cmds", "serve_cmds",
-                   "demo_cmds",
-                   "eval_cmds"]
+                   "demo_cmds", "eval_cmds"]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
