@@ -63,9 +63,13 @@ def check(app, src, target, base_dir, max_lora_rank, as_json):
     if as_json:
         emit_json(result.to_dict())
     else:
+        from ..serve import get_profile
+
         verdict = "ok" if result.ok else "NOT SERVABLE"
-        click.echo(f"{result.server} {result.version}: {verdict}  (max rank {result.max_rank}, "
-                   f"max_lora_rank >= {result.max_lora_rank_needed}, {result.modules} modules)")
+        knob = get_profile(target).rank_setting
+        need = f"{knob} >= {result.max_lora_rank_needed}, " if knob else ""
+        click.echo(f"{result.server} {result.version}: {verdict}  (max rank {result.max_rank}, {need}"
+                   f"{result.modules} modules)")
         for p in result.problems:
             click.echo(f"{p.severity}: {p.rule}: {p.message}")
     if not result.ok:
@@ -111,10 +115,19 @@ def convert(app, src, target, out, max_rank, base_dir, rewrite_prefix, overwrite
     s = report.summary
     rows = [["output", report.output], ["target", f"{s['server']} {s['version']}"],
             ["changes", ", ".join(s["changes"]) or "none (written as is)"], ["exact", str(s["exact"]).lower()],
-            ["ranks", ",".join(map(str, s["ranks"]))], ["max_lora_rank", str(s["max_lora_rank_needed"])]]
+            ["ranks", ",".join(map(str, s["ranks"]))]]
+    if target != "lorax":
+        rows.append(["max_lora_rank", str(s["max_lora_rank_needed"])])
     if not s["exact"]:
         rows += [["rel_error", f"{s['rel_error']:.4g}"], ["energy_kept", f"{s['energy_kept']:.4g}"]]
     click.echo(table(rows))
+    if report.modules:  # the compressed modules, worst first (as merge --method svd shows them)
+        worst = sorted(report.modules, key=lambda m: -m["rel_error"])
+        click.echo()
+        click.echo(table([{k: m[k] for k in ("module", "from_rank", "rank", "rel_error", "energy_kept")}
+                          for m in worst[:5]]))
+        if len(worst) > 5:
+            hint(f"({len(worst) - 5} more modules: --json shows all)")
     for w in report.warnings:
         hint(f"warning: {w}")
 

@@ -38,8 +38,7 @@ def _refuse(p, result, base_dir, max_rank) -> None:
         if prob.rule not in fixable:
             raise AdapterHubError(f"cannot convert for {p.server}: {prob.rule}: {prob.message}")
         if prob.rule == "init_lora_weights" and base_dir is None:
-            raise AdapterHubError(f"cannot convert for {p.server}: {prob.rule}: {prob.message}",
-                                  "give --base: the original base model (PiSSA, OLoRA) or the initial adapter")
+            raise AdapterHubError(f"cannot convert for {p.server}: {prob.rule}: {prob.message}")
         if prob.rule == "rank" and max_rank is None and p.allowed_ranks:
             raise AdapterHubError(f"cannot convert for {p.server}: rank: {prob.message}",
                                   f"add --max-rank {p.allowed_ranks[-1]} (or lower) to compress it")

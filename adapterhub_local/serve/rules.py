@@ -52,6 +52,7 @@ class Profile:
     # max_lora_rank values the server accepts (None: any positive int)
     allowed_ranks: tuple[int, ...] | None
     default_max_lora_rank: int | None
+    rank_setting: str | None  # the server's knob for the largest rank (None: there is none)
     rank_source: str
     # tensor names (after base_model.model.): accepted endings, and endings skipped on purpose
     accepts_embedding_lora: bool
@@ -97,7 +98,7 @@ VLLM = Profile(
     init_source=f"{_PH}:69-77, 88-99 (_init_is_supported)",
     honours_rslora=True, honours_patterns=True,
     scaling_source=f"{_PH}:101-144 (__post_init__, _scaling, _match_pattern, get_rank_and_scaling)",
-    allowed_ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512), default_max_lora_rank=16,
+    allowed_ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512), default_max_lora_rank=16, rank_setting="max_lora_rank",
     rank_source=f"vllm/config/lora.py:24,32 (MaxLoRARanks, max_lora_rank = 16); {_PH}:183-189 "
     "(validate_legal: max of r and rank_pattern values)",
     accepts_embedding_lora=True,
@@ -141,7 +142,7 @@ SGLANG = Profile(
     modules_to_save_ok=frozenset(), modules_to_save_refused=False, modules_to_save_source=_SG_CFG,
     init_ok=None, init_source=_SG_CFG,
     honours_rslora=False, honours_patterns=False, scaling_source=_SG_SCALE,
-    allowed_ranks=None, default_max_lora_rank=None,
+    allowed_ranks=None, default_max_lora_rank=None, rank_setting="--max-lora-rank",
     rank_source=f"{_SG}/lora_manager.py validate_new_adapter (memory_pool.can_support: rank <= --max-lora-rank)",
     accepts_embedding_lora=False, tensor_source=f"{_SG}/lora.py LoRAAdapter.initialize_weights",
     unknown_module="silent", module_source=f"{_SG}/lora.py LoRAAdapter.initialize_weights",
@@ -168,7 +169,7 @@ LORAX = Profile(
     honours_rslora=True, honours_patterns=False,
     scaling_source=f"{_LX}/adapters/lora.py:184-196, 399-407 (one get_scaling_factor(lora_alpha, r) for all "
     "modules, folded into lora_B)",
-    allowed_ranks=None, default_max_lora_rank=None,
+    allowed_ranks=None, default_max_lora_rank=None, rank_setting=None,
     rank_source=f"{_LX}/utils/punica.py:37-39, 46-86 (no hard limit: ranks padded for SGMV)",
     accepts_embedding_lora=False,
     tensor_source=f"{_LX}/adapters/lora.py:37-56 (only base_model.model.<weight>.lora_A/B.weight are mapped)",
