@@ -451,3 +451,22 @@ def test_serving_summary_for_the_card(llama_dir, plain, tmp_path):
     assert serving_summary(dora).startswith("Serving: vLLM 0.33 will not serve this adapter") and "dora" in \
         serving_summary(dora)
     assert serving_summary(tmp_path / "missing").startswith("Serving: not checked")
+
+
+def test_registry_ref_and_its_known_base(llama_dir, plain, tmp_path):
+    """A registered version is checked by REF, against the base the registry recorded for it."""
+    ad = tmp_path / "prefixed"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_bytes((plain / "adapter_config.json").read_bytes())
+    t = load_file(plain / "adapter_model.safetensors")
+    save_file({k.replace(PREFIX + "model.", PREFIX + "wrapper.model."): v for k, v in t.items()},
+              ad / "adapter_model.safetensors")
+    run("register", plain, "--name", "good", "--base", llama_dir)
+    run("register", ad, "--name", "wrapped", "--base-fingerprint", json.loads(
+        run("fingerprint", llama_dir, "--json").stdout)["fingerprint"])
+    rep = check_json("good")
+    assert rep["ok"] is True and rep["base"] == str(llama_dir)
+    rep = check_json("wrapped", code=1)
+    assert rules(rep) == {"module_match"} and rep["rewrite_prefix"] == "wrapper="
+    res = run("check", "nosuch", code=1)
+    assert res.output.startswith("error: no adapter matches 'nosuch'")
