@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .output import emit_json, hint, json_option, table
+from .output import echo, emit_json, hint, json_option, table
 
 TARGETS = ["vllm", "sglang", "lorax"]
 
@@ -68,10 +68,10 @@ def check(app, src, target, base_dir, max_lora_rank, as_json):
         verdict = "ok" if result.ok else "NOT SERVABLE"
         knob = get_profile(target).rank_setting
         need = f"{knob} >= {result.max_lora_rank_needed}, " if knob else ""
-        click.echo(f"{result.server} {result.version}: {verdict}  (max rank {result.max_rank}, {need}"
-                   f"{result.modules} modules)")
+        echo(f"{result.server} {result.version}: {verdict}  (max rank {result.max_rank}, {need}"
+             f"{result.modules} modules)")
         for p in result.problems:
-            click.echo(f"{p.severity}: {p.rule}: {p.message}")
+            echo(f"{p.severity}: {p.rule}: {p.message}".replace("\n", " "))
     if not result.ok:
         sys.exit(1)  # the problems are the output; no extra error line
 

@@ -16,19 +16,17 @@ _EMB = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)
 
 
 def safe(text: str) -> str:
-    """A name from a file we did not write, made safe for one terminal line."""
+    """A name from a file we did not write, cut to a length a message can hold. (Terminal
+    escaping happens where text is printed: cli.output.safe_text.)"""
     text = str(text)
-    if text.isprintable() and len(text) <= 200:
-        return text
-    out = text.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return out if len(out) <= 200 else out[:197] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+def read_safetensors_header(path: Path, error: type = InvalidModel) -> dict[str, tuple[str, list[int]]]:
     """{tensor name: (dtype, shape)} from a safetensors header, validated by the project's reader."""
-    from ..fingerprint import read_header
+    from ..safetensors_io import read_header
 
-    infos, _ = read_header(path)
+    infos, _ = read_header(path, error=error)
     return {name: (info.dtype, [int(s) for s in info.shape]) for name, info in infos.items()}
 
 
@@ -83,10 +81,7 @@ class AdapterFacts:
                                          "(unpickling can run arbitrary code)",
                                          "save the adapter with safe_serialization=True")
             raise InvalidAdapter(folder, f"no {WEIGHTS_NAME}")
-        try:
-            tensors = read_safetensors_header(weights)
-        except InvalidModel as e:
-            raise InvalidAdapter(weights, e.problem) from None
+        tensors = read_safetensors_header(weights, error=InvalidAdapter)
         if not tensors:
             raise InvalidAdapter(weights, "contains no tensors")
         return cls(folder, config, tensors)

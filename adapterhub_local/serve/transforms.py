@@ -49,6 +49,15 @@ def frob_sq_diff(a1, b1, a2, b2) -> tuple[float, float]:
 
 # --- inits that changed the base -------------------------------------------------------------
 
+def _torch(x) -> torch.Tensor:
+    """A float32 torch copy of a factor (the loader gives numpy arrays)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float32)
+    import numpy as np
+
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
 def _initial_from_adapter(folder: Path, mods: dict[str, Mod]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A₀, B₀ from the initial adapter PEFT saved at init (init_lora_weights must be true there,
     as PEFT requires: tuners/lora/model.py _convert_state_dict_for_initial_model)."""
@@ -64,7 +73,7 @@ def _initial_from_adapter(folder: Path, mods: dict[str, Mod]) -> dict[str, tuple
         if im is None or tuple(im.A.shape) != tuple(m.A.shape) or tuple(im.B.shape) != tuple(m.B.shape):
             raise AdapterHubError(f"{folder}: the initial adapter has no module {name} of the same shape",
                                   "give the adapter PEFT saved at init for this run")
-        out[name] = (im.A.to(torch.float32), im.B.to(torch.float32))
+        out[name] = (_torch(im.A), _torch(im.B))
     return out
 
 
