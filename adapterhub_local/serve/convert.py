@@ -180,9 +180,10 @@ def convert(src: str | Path, target: str, out: str | Path, *, max_rank: int | No
 
     out = Path(out)
     src_prov = read_provenance(facts.folder)
+    # the flat shape merge and extract write (every provenance reader knows it); "via" names the target
     provenance = {"base_fingerprint": src_prov.get("base_fingerprint"), "created_by": _tool(),
                   "parents": [parent or str(Path(facts.folder).resolve())], "method": "convert",
-                  "target": {"server": p.server, "version": p.version}, "changes": changes}
+                  "via": f"{p.server} {p.version}"}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_safetensors(_tensors(mods, other), tmp / WEIGHTS_NAME, metadata={"format": "pt"}, fsync=False)
         if cfg == src_cfg:
