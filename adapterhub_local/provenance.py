@@ -78,7 +78,7 @@ NAME = "adapterhub.json"
 EXPORT_NAME = "provenance.json"  # what `export` wrote up to 0.1: still read, never written
 FORMAT = "adapterhub-local/provenance"
 FORMAT_VERSION = 2
-WRITERS = ("push", "merge", "extract", "export", "train")
+WRITERS = ("push", "merge", "extract", "export", "train", "convert")
 KINDS = ("adapter", "merged_model")
 
 MAX_BYTES = 4 << 20

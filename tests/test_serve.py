@@ -401,8 +401,13 @@ def test_initial_adapter_conversion_matches_peft_save_pretrained(llama_dir, tmp_
 def test_convert_output_is_atomic_with_provenance(plain, tmp_path):
     out = tmp_path / "o"
     run("convert", plain, "--for", "vllm", "--out", out)
-    prov = json.loads((out / "adapterhub.json").read_text())
-    assert prov["method"] == "convert" and prov["via"] == "vLLM 0.33" and prov["parents"] == [str(plain.resolve())]
+    from adapterhub_local import provenance
+
+    prov = provenance.read(out)
+    assert prov["written_by"] == "convert" and prov["method"] == "convert"
+    assert prov["extra"]["target"] == "vLLM 0.33" and prov["lineage"]["parents"] == [str(plain.resolve())]
+    res = run("convert", plain, "--for", "vllm", "--out", plain / "inside", code=1)
+    assert "is inside the input" in res.output and not (plain / "inside").exists()
     res = run("convert", plain, "--for", "vllm", "--out", out, code=1)
     assert "already exists" in res.output
 
@@ -471,3 +476,15 @@ def test_registry_ref_and_its_known_base(llama_dir, plain, tmp_path):
     assert rules(rep) == {"module_match"} and rep["rewrite_prefix"] == "wrapper="
     res = run("check", "nosuch", code=1)
     assert res.output.startswith("error: no adapter matches 'nosuch'")
+
+
+def test_push_card_carries_the_vllm_verdict(llama_dir, plain, tmp_path):
+    """`adapters push` writes the check's verdict into the card; it never fails because of it."""
+    big = make_peft_adapter(llama_dir, tmp_path / "r32", r=32, lora_alpha=32)
+    run("push", big, "me/big", "--dry-run", "--dry-run-dir", tmp_path / "staged")
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "Serving: vLLM ≥ 0.33 loads this adapter with max_lora_rank ≥ 32" in card
+    rep = make_peft_adapter(llama_dir, tmp_path / "rep", layer_replication=[[0, 2], [1, 2]])
+    run("push", rep, "me/rep", "--dry-run", "--dry-run-dir", tmp_path / "staged2")
+    card = (tmp_path / "staged2" / "README.md").read_text()
+    assert "Serving: vLLM 0.33 will not serve this adapter as PEFT does: layer_replication" in card

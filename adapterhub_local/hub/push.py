@@ -110,7 +110,12 @@ def stage(src: Source, out: Path, repo_id: str, *, template=None, base_models: l
 
     base_models = base_models if base_models is not None else base_models_for(src)
     prov = source_provenance(src, base_hub_id=base_models[0] if base_models else None)
-    card = push_card(src, prov, repo_id, base_models, template=template)
+    serving = None
+    if src.is_adapter:  # the vLLM verdict for the card; serving_summary never raises
+        from ..serve import serving_summary
+
+        serving = serving_summary(src.folder)
+    card = push_card(src, prov, repo_id, base_models, template=template, serving=serving)
     with atomic_dir(out) as tmp:
         for path in payload_files(src.folder, recursive=not src.is_adapter):
             _link_or_copy(path, tmp / path.relative_to(src.folder), copy)

@@ -100,9 +100,11 @@ def convert(src: str | Path, target: str, out: str | Path, *, max_rank: int | No
     `adapters convert`). Raises AdapterHubError naming the feature when that is impossible."""
     import torch
 
+    from ..fsutil import check_output
     from . import transforms as T
 
     p = get_profile(target)
+    check_output(out, [src, base_dir])  # never an input, inside one, or above one
     facts = AdapterFacts.read(src)
     src_cfg = facts.config
     result = check_facts(facts, target)
@@ -173,24 +175,23 @@ def convert(src: str | Path, target: str, out: str | Path, *, max_rank: int | No
     if not lossy and worst > 1e-5:  # a bug, never a user error: refuse to write a wrong adapter
         raise AssertionError(f"convert: ΔW differs by {worst:.3g} (relative) without a lossy option")
 
+    from .. import provenance
     from ..fsutil import atomic_dir, save_safetensors
-    from ..merge.algebra import read_provenance
-    from ..merge.inputs import PROVENANCE_NAME
-    from ..merge.recipe import _tool
 
     out = Path(out)
-    src_prov = read_provenance(facts.folder)
-    # the flat shape merge and extract write (every provenance reader knows it); "via" names the target
-    provenance = {"base_fingerprint": src_prov.get("base_fingerprint"), "created_by": _tool(),
-                  "parents": [parent or str(Path(facts.folder).resolve())], "method": "convert",
-                  "via": f"{p.server} {p.version}"}
+    src_prov = provenance.read(facts.folder)
+    prov = provenance.build(
+        "adapter", "convert", base_fingerprint=provenance.base_fingerprint(src_prov),
+        base_name=cfg.get("base_model_name_or_path"), method="convert",
+        parents=[parent or str(Path(facts.folder).resolve())],
+        extra={"target": f"{p.server} {p.version}", "changes": changes})
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_safetensors(_tensors(mods, other), tmp / WEIGHTS_NAME, metadata={"format": "pt"}, fsync=False)
         if cfg == src_cfg:
             (tmp / CONFIG_NAME).write_bytes((facts.folder / CONFIG_NAME).read_bytes())
         else:
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / provenance.NAME).write_text(provenance.dumps(prov), encoding="utf-8")
 
     ranks = sorted({m.rank for m in mods.values()})
     report.output = str(out)
