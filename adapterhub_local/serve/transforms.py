@@ -20,7 +20,7 @@ import torch
 
 from ..errors import AdapterHubError
 from ..lora import scaling
-from ..merge.algebra import factored_svd
+from ..merge.methods import factored_svd
 
 
 @dataclass
@@ -195,7 +195,8 @@ def compress(mods: dict[str, Mod], max_rank: int, use_rslora: bool) -> list[dict
     for m in mods.values():
         if m.rank <= max_rank:
             continue
-        a, b, kept, total = factored_svd(m.A.to(torch.float32), m.scaled_b(), max_rank)
+        a, b, kept, total = factored_svd(m.A.to(torch.float32).numpy(), m.scaled_b().numpy(), max_rank)
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
         k = int(a.shape[0])
         rows.append({"module": m.name, "from_rank": m.rank, "rank": k,
                      "rel_error": math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
