@@ -484,7 +484,7 @@ def test_push_card_carries_the_vllm_verdict(llama_dir, plain, tmp_path):
     run("push", big, "me/big", "--dry-run", "--dry-run-dir", tmp_path / "staged")
     card = (tmp_path / "staged" / "README.md").read_text()
     assert "Serving: vLLM ≥ 0.33 loads this adapter with max_lora_rank ≥ 32" in card
-    rep = make_peft_adapter(llama_dir, tmp_path / "rep", layer_replication=[[0, 2], [1, 2]])
-    run("push", rep, "me/rep", "--dry-run", "--dry-run-dir", tmp_path / "staged2")
+    huge = make_peft_adapter(llama_dir, tmp_path / "r600", r=600, lora_alpha=600, target_modules=["q_proj"])
+    run("push", huge, "me/huge", "--dry-run", "--dry-run-dir", tmp_path / "staged2")
     card = (tmp_path / "staged2" / "README.md").read_text()
-    assert "Serving: vLLM 0.33 will not serve this adapter as PEFT does: layer_replication" in card
+    assert "Serving: vLLM 0.33 will not serve this adapter as PEFT does: rank: LoRA rank 600" in card

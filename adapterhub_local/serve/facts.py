@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidAdapter, InvalidModel, UnsupportedAdapter
-from ..peft_format import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, _read_config
+from ..peft_format import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME
 
 _LORA = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _EMB = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
@@ -73,7 +73,14 @@ class AdapterFacts:
         if not folder.is_dir():
             raise InvalidAdapter(folder, "not a directory" if folder.exists() else "no such file or directory",
                                  "give the folder holding adapter_config.json")
-        config = _read_config(folder)
+        # syntax, types and ranges checked; variants are not refused here: they are what a
+        # server's rules are about
+        from ..adapter_config import read_config
+
+        config = read_config(folder)
+        if str(config.get("peft_type", "")).upper() != "LORA":
+            raise InvalidAdapter(folder / CONFIG_NAME, f"unknown peft_type {safe(config.get('peft_type'))!r}",
+                                 "only LORA adapters are checked")
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             if (folder / PICKLE_NAME).is_file():
