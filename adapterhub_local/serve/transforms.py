@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterHubError
-from ..lora import scaling
+from ..lora import factored_sq_norm, scaling
 from ..merge.methods import factored_svd
 
 
@@ -39,12 +39,10 @@ class Mod:
 
 
 def frob_sq_diff(a1, b1, a2, b2) -> tuple[float, float]:
-    """(‖B₁A₁‖², ‖B₁A₁ − B₂A₂‖²) from factors (B already scaled), r×r work in float64."""
-    def sq(a, b):
-        a, b = a.to(torch.float64), b.to(torch.float64)
-        return float(torch.sum((a @ a.T) * (b.T @ b)).clamp_min(0))
-
-    return sq(a1, b1), sq(torch.cat([a1, a2]), torch.cat([b1, -b2.to(b1.dtype)], dim=1))
+    """(‖B₁A₁‖², ‖B₁A₁ − B₂A₂‖²) from factors (B already scaled), r×r work in float64: the
+    difference is one stacked pair [A₁; A₂], [B₁, −B₂]."""
+    diff_a, diff_b = torch.cat([a1, a2]), torch.cat([b1, -b2.to(b1.dtype)], dim=1)
+    return factored_sq_norm(a1, b1), factored_sq_norm(diff_a, diff_b)
 
 
 # --- inits that changed the base -------------------------------------------------------------
