@@ -150,6 +150,16 @@ def assert_same(got: dict, want: dict, rel=1e-5):
         assert err <= rel, (name, err)
 
 
+def renamed(src: Path, dst: Path, old: str, new: str) -> Path:
+    """A copy of the PEFT adapter ``src`` whose tensor names have ``old`` replaced by ``new``
+    (what an adapter saved from a wrapper model, or for another architecture, looks like)."""
+    dst.mkdir()
+    (dst / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    t = load_file(src / "adapter_model.safetensors")
+    save_file({k.replace(old, new): v for k, v in t.items()}, dst / "adapter_model.safetensors")
+    return dst
+
+
 # --- fixtures ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -268,12 +278,7 @@ def test_gpt2_conv1d_needs_no_transpose(gpt2_dir, tmp_path):
 
 
 def test_wrong_prefix_loads_but_changes_nothing_and_rewrite_fixes_it(llama_dir, plain, tmp_path):
-    ad = tmp_path / "prefixed"
-    ad.mkdir()
-    (ad / "adapter_config.json").write_bytes((plain / "adapter_config.json").read_bytes())
-    t = load_file(plain / "adapter_model.safetensors")
-    save_file({k.replace(PREFIX + "model.", PREFIX + "language_model.model."): v for k, v in t.items()},
-              ad / "adapter_model.safetensors")
+    ad = renamed(plain, tmp_path / "prefixed", PREFIX + "model.", PREFIX + "language_model.model.")
     assert check_json(ad)["ok"] is True  # without the base nobody can tell
     rep = check_json(ad, "--base", llama_dir, code=1)
     assert rules(rep) == {"module_match"}
@@ -285,11 +290,7 @@ def test_wrong_prefix_loads_but_changes_nothing_and_rewrite_fixes_it(llama_dir, 
 
 
 def test_unknown_module_names_refuse_the_load(llama_dir, plain, tmp_path):
-    ad = tmp_path / "c_attn"
-    ad.mkdir()
-    (ad / "adapter_config.json").write_bytes((plain / "adapter_config.json").read_bytes())
-    t = load_file(plain / "adapter_model.safetensors")
-    save_file({k.replace("q_proj", "c_attn"): v for k, v in t.items()}, ad / "adapter_model.safetensors")
+    ad = renamed(plain, tmp_path / "c_attn", "q_proj", "c_attn")
     rep = check_json(ad, "--base", llama_dir, code=1)
     assert "target_modules" in rules(rep, "error")
 
@@ -461,12 +462,7 @@ def test_serving_summary_for_the_card(llama_dir, plain, tmp_path):
 
 def test_registry_ref_and_its_known_base(llama_dir, plain, tmp_path):
     """A registered version is checked by REF, against the base the registry recorded for it."""
-    ad = tmp_path / "prefixed"
-    ad.mkdir()
-    (ad / "adapter_config.json").write_bytes((plain / "adapter_config.json").read_bytes())
-    t = load_file(plain / "adapter_model.safetensors")
-    save_file({k.replace(PREFIX + "model.", PREFIX + "wrapper.model."): v for k, v in t.items()},
-              ad / "adapter_model.safetensors")
+    ad = renamed(plain, tmp_path / "prefixed", PREFIX + "model.", PREFIX + "wrapper.model.")
     run("register", plain, "--name", "good", "--base", llama_dir)
     run("register", ad, "--name", "wrapped", "--base-fingerprint", json.loads(
         run("fingerprint", llama_dir, "--json").stdout)["fingerprint"])
