@@ -168,3 +168,12 @@ def test_a_fused_expert_checkpoint_is_refused_by_name(tmp_path, capsys):
     assert len(err) == 1 and "fused expert tensor" in err[0]
     assert "experts.gate_up_proj" in err[0] or "experts.down_proj" in err[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_inspect_human_view_names_expert_lora(tmp_path, capsys):
+    base = make_moe(tmp_path / "q", "qwen3_moe")
+    ad = make_expert_adapter(base, tmp_path / "a", target_parameters=TP)
+    capsys.readouterr()
+    assert run(["inspect", ad]) == 0
+    out = capsys.readouterr().out
+    assert "expert LoRA" in out and "4 wrappers" in out and "gate_up_proj" in out

@@ -41,6 +41,10 @@ def inspect(adapter_dir: str, modules: bool, as_json: bool) -> None:
         rows.append(("modules_to_save", summary["modules_to_save"]))
     if summary["dora_modules"]:
         rows.append(("DoRA modules", summary["dora_modules"]))
+    if summary["expert_lora"]:
+        rows.append(("target_parameters", summary["target_parameters"]))
+        rows.append(("expert LoRA", f"{len(summary['expert_lora'])} wrappers (their parameter is matched "
+                                    "on the base at merge time; --json lists them)"))
     click.echo(table([[k, v] for k, v in rows]))
     for note in summary["notes"]:
         click.echo(f"note: ignored {note}", err=True)
