@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .output import emit_json, human_bytes, json_option, table
+from .output import emit_json, hint, human_bytes, json_option, table
 
 
 @click.command()
@@ -47,7 +47,7 @@ def inspect(adapter_dir: str, modules: bool, as_json: bool) -> None:
                                     "on the base at merge time; --json lists them)"))
     click.echo(table([[k, v] for k, v in rows]))
     for note in summary["notes"]:
-        click.echo(f"note: ignored {note}", err=True)
+        hint(f"note: ignored {note}")  # names from the adapter: escaped
     if modules:
         click.echo()
         click.echo(table(
