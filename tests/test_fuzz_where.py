@@ -22,6 +22,8 @@ from test_registry import make_adapter
 
 from adapterhub_local.cli import cli
 
+pytestmark = pytest.mark.fuzz
+# max_examples comes from the profile (tests/conftest.py: "ci" by default, "long" under `make fuzz`)
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                       HealthCheck.too_slow])
 KEYS = [f"m{i}" for i in range(JOINED_METRICS + 8)] + ["rank", "alpha", "version", "missing"]
