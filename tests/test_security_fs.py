@@ -241,3 +241,14 @@ def test_index_shard_names_stay_inside_the_folder(shard, base, tmp_path, capsys)
     (b / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
     err = fails(capsys, "fingerprint", b)
     assert "is not a file name inside the folder" in err
+
+
+def test_convert_out_never_an_input_or_the_registry(tmp_path, capsys):
+    ad = make_adapter(tmp_path / "ad")
+    home = tmp_path / "reg"
+    ok("--registry", home, "register", ad, "--name", "a")
+    for out in (ad, ad / "x", tmp_path):
+        fails(capsys, "convert", ad, "--for", "vllm", "--out", out, "--overwrite")
+    assert "registry home" in fails(capsys, "--registry", home, "convert", "a", "--for", "vllm", "--out", home,
+                                    "--overwrite")
+    assert (ad / "adapter_model.safetensors").is_file() and (home / "registry.db").is_file()

@@ -104,8 +104,10 @@ def convert(app, src, target, out, max_rank, base_dir, rewrite_prefix, overwrite
       adapters convert ./r1024 --for vllm --max-rank 512 --out ./served
       adapters convert ./adapter --for lorax --out ./for-lorax
     """
+    from ..fsutil import check_output
     from ..serve.convert import convert as run_convert
 
+    check_output(out, registry_homes=[app.registry_home])  # the --registry home too; convert checks the inputs
     folder, record = _resolve(app, src)
     report = run_convert(folder, target, out, max_rank=max_rank, base_dir=base_dir,
                          rewrite_prefix=rewrite_prefix, overwrite=overwrite, parent=getattr(record, "ref", None))
