@@ -147,3 +147,60 @@ def expert_modules(where, cfg: dict, groups: list[ExpertFactors], infos) -> list
                 for name, r0, r1 in rows:
                     out.append(LoraModule(name=name.format(e=e), A=a, B=b[r0:r1], scale=s, r=r, alpha=alpha))
     return out
+
+
+def _rank_alpha(module: str, cfg: dict) -> tuple[int, float]:
+    """(r, alpha) of an experts module's wrappers: the same for every parameter it may hold,
+    else which one applies is only known on the base."""
+    got = {module_rank_alpha(cfg, p) for p in candidates(module, cfg)}
+    if len(got) != 1:
+        raise UnsupportedAdapter(module, "expert LoRA whose parameters have different ranks (rank_pattern): "
+                                 "which wrapper holds which parameter is only known on the base",
+                                 "merge it into the base instead: adapters merge BASE_DIR REF --out DIR")
+    return got.pop()
+
+
+def cat_experts(inputs) -> tuple[list[ExpertFactors], dict[str, int]]:
+    """Exact concatenation (``--method cat``) of expert LoRA: per expert e, A'ₑ = [wᵢsᵢAᵢₑ] and
+    B'ₑ = [Bᵢₑ], packed back in PEFT's layout (A grouped by expert, B's columns interleaved),
+    at rank R = Σrᵢ with alpha = R (scaling 1). ``inputs``: (adapter, weight) pairs, all with the
+    same wrappers (PEFT requires the same target_parameters for every adapter of a model).
+    Returns the factors and {target_parameters entry: R} for the new config's patterns."""
+    import numpy as np
+
+    from .lora import as_numpy
+
+    keys = [sorted(g.key for g in ad.experts) for ad, _ in inputs]
+    tps = [sorted(ad.config.get("target_parameters") or []) for ad, _ in inputs]
+    if any(k != keys[0] for k in keys) or any(t != tps[0] for t in tps):
+        raise UnsupportedAdapter(inputs[0][0].path or "adapter", "expert LoRA adapters with different "
+                                 "target_parameters or wrappers cannot be concatenated (PEFT itself requires "
+                                 "the same target_parameters for every adapter of one model)")
+    out: list[ExpertFactors] = []
+    ranks: dict[str, int] = {}
+    for key in keys[0]:
+        parts = []
+        for ad, w in inputs:
+            g = next(x for x in ad.experts if x.key == key)
+            r, alpha = _rank_alpha(g.module, ad.config)
+            s = scaling(r, alpha, bool(ad.config.get("use_rslora")))
+            a, b = as_numpy(g.A, np.float32), as_numpy(g.B, np.float32)
+            if a.shape[0] % r or b.shape[1] != a.shape[0]:
+                raise UnsupportedAdapter(ad.path or "adapter", f"{key}: lora_A {list(a.shape)} is not E·r for r={r}")
+            parts.append((a, b, r, np.float32(s * w)))
+        num = {p[0].shape[0] // p[2] for p in parts}
+        if len(num) != 1:
+            raise UnsupportedAdapter(key, "adapters disagree on the number of experts")
+        num = num.pop()
+        total = sum(p[2] for p in parts)
+        a_new = np.concatenate([np.concatenate([a[e * r:(e + 1) * r] * sw for a, _, r, sw in parts])
+                                for e in range(num)])  # (E·R, in), grouped by expert
+        b_e = [np.concatenate([b[:, e::num] for _, b, _, _ in parts], axis=1) for e in range(num)]  # (out, R) each
+        b_new = np.ascontiguousarray(np.stack(b_e, axis=2).reshape(b_e[0].shape[0], total * num))  # col k·E+e
+        module = key.replace(".base_layer", "")
+        out.append(ExpertFactors(module, key.count(".base_layer"), np.ascontiguousarray(a_new), b_new))
+        for p in tps[0]:
+            if ranks.setdefault(p, total) != total:
+                raise UnsupportedAdapter(key, "expert LoRA whose concatenated rank differs between layers "
+                                         "(layer-wise rank_pattern) is not supported by cat")
+    return out, ranks

@@ -113,8 +113,8 @@ FIELDS: dict[str, Field] = {
     "lora_bias": Field(SUPPORTED, "lora_B.bias added to the base bias"),
     "target_parameters": Field(
         SUPPORTED, "LoRA on MoE expert parameters (PEFT's ParamWrapper): merged into a base stored per "
-        "expert (experts.N.gate_proj/up_proj/down_proj, w1/w3/w2); a fused-expert checkpoint, stack, "
-        "interpolate and --into-adapter are refused by name"),
+        "expert (experts.N.gate_proj/up_proj/down_proj, w1/w3/w2) and combined exactly by cat (stack, "
+        "--into-adapter --method cat); a fused-expert checkpoint and the other methods are refused by name"),
     "use_bdlora": Field(REFUSED, "BD-LoRA uses block-diagonal factors (variants.py BdLoraLinearVariant)"),
     "arrow_config": Field(REFUSED, "Arrow routes each token among several LoRA experts: no single merged weight"),
     "kasa_config": Field(
@@ -180,7 +180,7 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def refuse_dora_algebra(ref: str, adapter) -> None:
+def refuse_dora_algebra(ref: str, adapter, method: str = "cat") -> None:
     """DoRA in stack / interpolate / --into-adapter: refused, saying why and what to do.
 
     A DoRA module's update is m/‖W+s·B·A‖ ⊙ (W+s·B·A) − W (peft/tuners/lora/variants.py,
@@ -188,11 +188,11 @@ def refuse_dora_algebra(ref: str, adapter) -> None:
     so no combination of factors reproduces it."""
     from .errors import UnsupportedAdapter
 
-    if adapter.experts:
+    if adapter.experts and method != "cat":
         raise UnsupportedAdapter(
-            ref, f"LoRA on MoE expert parameters (target_parameters, e.g. {adapter.experts[0].key}): stack, "
-            "interpolate and --into-adapter are not supported for it",
-            "merge it into the base instead: adapters merge BASE_DIR REF [REF ...] --out DIR")
+            ref, f"LoRA on MoE expert parameters (target_parameters, e.g. {adapter.experts[0].key}): "
+            f"{method} is not exact for it; only cat (stack, merge --into-adapter --method cat) is",
+            "use cat, or merge it into the base instead: adapters merge BASE_DIR REF [REF ...] --out DIR")
     dora = adapter.dora_modules
     if dora:
         raise UnsupportedAdapter(

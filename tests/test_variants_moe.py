@@ -142,12 +142,35 @@ def test_inspect_lists_expert_lora_and_algebra_is_refused(moe, tmp_path, capsys)
     assert "model.layers.0.mlp.experts" in keys and "model.layers.0.mlp.experts.base_layer" in keys
     assert all(sorted(e["parameters"]) == sorted(f"model.layers.{e['module'].split('.')[2]}.{p}" for p in TP)
                for e in s["expert_lora"])
-    for args in (["stack", ad, ad, "--out", tmp_path / "o"], ["merge", ad, ad, "--into-adapter", "--out",
-                                                                tmp_path / "o"]):
+    for args in (["interpolate", ad, ad, "--t", "0.5", "--out", tmp_path / "o"],
+                 ["merge", ad, ad, "--into-adapter", "--method", "svd", "--rank", "2", "--out", tmp_path / "o"]):
         capsys.readouterr()
         assert run(args) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "MoE expert parameters" in err[0] and "merge it into the base" in err[0]
+        assert len(err) == 1 and "MoE expert parameters" in err[0] and "only cat" in err[0], err
+
+
+def test_cat_of_expert_adapters_is_exact_and_peft_loads_it(moe, tmp_path):
+    from peft import PeftModel
+
+    kind, base = moe
+    a = make_expert_adapter(base, tmp_path / "a", seed=1, target_parameters=TP)
+    b = make_expert_adapter(base, tmp_path / "b", seed=2, target_parameters=TP, r=3, lora_alpha=5,
+                            target_modules=["q_proj", "v_proj"])
+    _, want_logits, _ = peft_merged(base, [a, b])  # PEFT merging both
+    assert run(["merge", a, b, "--into-adapter", "--method", "cat", "--out", tmp_path / "c"]) == 0
+    assert run(["stack", a, b, "--out", tmp_path / "s"]) == 0
+    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == sorted(TP)
+    for folder in (tmp_path / "c", tmp_path / "s"):
+        peft = PeftModel.from_pretrained(load_model(base), str(folder)).eval()
+        with torch.no_grad():
+            got = peft(input_ids()).logits
+        torch.testing.assert_close(got, want_logits, rtol=1e-5, atol=1e-5)
+    assert run(["merge", base, tmp_path / "c", "--out", tmp_path / "m"]) == 0
+    with torch.no_grad():
+        merged = load_model(tmp_path / "m")(input_ids()).logits
+    torch.testing.assert_close(merged, want_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_fused_expert_checkpoint_is_refused_by_name(tmp_path, capsys):

@@ -63,7 +63,7 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
     m = get_method(method)
     report = MergeReport(operation="merge_adapters", method=method)
     for inp in inputs:
-        refuse_dora_algebra(inp.ref, inp.adapter)
+        refuse_dora_algebra(inp.ref, inp.adapter, method)
     live = [inp for inp in inputs if inp.weight != 0]  # weight 0 is a no-op, exactly
     if not live:
         raise AdapterHubError("every weight is 0: the result would be an empty adapter")
@@ -111,6 +111,8 @@ def combine(inputs: list[MergeInput], method: str = "cat", rank: int | None = No
                                    r=r, alpha=float(r))
     extra = _merge_extras(live)
     adapter = LoraAdapter(config=_config(live, modules, extra), modules=modules, extra=extra)
+    if any(i.adapter.experts for i in live):  # MoE expert LoRA: exact cat only (experts.py)
+        _add_experts(adapter, live)
     if adapter.config["lora_bias"]:
         for mod in modules.values():  # PEFT gives every lora_B a bias once lora_bias is on
             if mod.kind == "linear" and mod.bias is None:
@@ -186,6 +188,21 @@ def _merge_extras(inputs: list[MergeInput]) -> dict:
                 continue
             extra[key], owner[key] = t, inp.ref
     return extra
+
+
+def _add_experts(adapter: LoraAdapter, live: list[MergeInput]) -> None:
+    from ..experts import cat_experts
+
+    adapter.experts, ranks = cat_experts([(i.adapter, i.weight) for i in live])
+    cfg = adapter.config
+    cfg["target_parameters"] = sorted(live[0].adapter.config.get("target_parameters") or [])
+    if not adapter.modules:
+        cfg["target_modules"] = []
+        cfg["r"] = cfg["lora_alpha"] = next(iter(ranks.values()), cfg["r"])
+    for p, rank in ranks.items():
+        if rank != cfg["r"]:
+            cfg["rank_pattern"][re.escape(p)] = rank
+            cfg["alpha_pattern"][re.escape(p)] = float(rank)
 
 
 def _config(inputs: list[MergeInput], modules: dict[str, LoraModule], extra: dict) -> dict:
