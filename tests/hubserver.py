@@ -122,6 +122,7 @@ class HubState:
         self.fail_commits = 0
         self.drop_commits = 0
         self.commit_delay = 0.0
+        self.on_commit = None  # test hook: called as on_commit(repo, commit) after a commit lands
         self.hostile: dict = {}  # see Hostile
         self.card_cache: dict[str, dict | None] = {}  # README sha256 -> its YAML header
         self.page_size = 1000  # list_models page size (the Hub's is 1000 too)
@@ -679,6 +680,8 @@ class Handler(BaseHTTPRequestHandler):
         if parent and parent != base.id:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         commit = st.new_commit(repo, base, files, header.get("summary") or "commit")
+        if st.on_commit is not None:
+            st.on_commit(repo, commit)
         out = {"commitUrl": f"{st.base_url}/{repo_id}/commit/{commit.id}", "commitOid": commit.id,
                "success": True}
         if create_pr:

@@ -143,6 +143,8 @@ def test_metrics_travel_both_ways(env, models, tmp_path, monkeypatch):
     assert out["pushed"][0]["version"] == "v1" and not out["pushed"][0]["unchanged"]
     assert env.tags(repo) == tags and env.head(repo) != v1["commit_id"]  # a commit, not a version
     assert js("log-metric", "m@1", "win_rate=0.62", "--push")["pushed"][0]["unchanged"]
+    again = js("push", "m", repo)  # the head is a metrics-only commit over v1's files: still v1
+    assert again["unchanged"] and again["version"] == 1 and env.tags(repo) == tags
 
     machine(monkeypatch, tmp_path, "B")
     assert [r["metrics"] for r in js("remote", "list", ORG) if r["repo"] == repo] == [{"win_rate": 0.62}]
@@ -213,6 +215,30 @@ def test_a_crashed_push_is_repaired_by_the_next_push_and_by_sync(env, models, tm
     res = js("sync", ORG)
     assert f"{repo}@v3" in res["repaired"] and env.tags(repo)["v3"] == out["commit_id"]
     assert f"{repo}@v3" in res["missing"]
+
+
+def test_a_version_tag_taken_by_someone_else_makes_the_push_the_next_version(env, models):
+    """Someone tags v2 by hand between our commit and our tag: create_tag answers 409; the push
+    commits again as v3 (its commit claiming v2 stays untagged) and says so."""
+    repo = f"{ORG}/stolen"
+    ok("push", str(models["a1"]), repo)
+    first = env.head(repo)
+
+    def steal(r, commit):
+        if r.id == repo and "v2" not in r.tags:
+            r.tags["v2"] = first  # the tag our push is about to create, on another commit
+
+    env.state.on_commit = steal
+    try:
+        out = js("push", str(models["a2"]), repo)
+    finally:
+        env.state.on_commit = None
+    assert out["version"] == 3 and out["attempts"]["tag_taken"] == 1 and out["attempts"]["attempts"] == 2
+    tags = env.tags(repo)
+    assert tags["v2"] == first and tags["v3"] == out["commit_id"] == env.head(repo)
+    files = env.files(repo, out["commit_id"])
+    assert files["adapter_model.safetensors"] == (models["a2"] / "adapter_model.safetensors").read_bytes()
+    assert json.loads(files["adapterhub.json"])["team"]["version"] == 3
 
 
 def test_sync_pulls_versions_and_aliases_and_names_what_is_not_on_the_hub(env, models, tmp_path, monkeypatch):

@@ -122,6 +122,15 @@ def repair_head(api, repo_id: str, ep: str, refs: RepoRefs, fields: dict | None,
         stats.tag_taken += 1
 
 
+def _holds(api, repo_id: str, ep: str, cache: ProvenanceCache, token, tagged: str, head: str, files: dict) -> bool:
+    """Does the commit tagged vK hold exactly ``files``? (The head claims vK with these files, but
+    the tag may be on another commit: a metrics-only commit after vK, or a vK tagged by hand.)"""
+    if tagged == head:
+        return True
+    prov = cache.get(api, ep, repo_id, tagged, token)
+    return prov is not None and team_fields(prov, f"{repo_id}@{tagged[:12]}/{PROVENANCE_NAME}")["files"] == files
+
+
 def commit_version(api, staged: Path, repo_id: str, ep: str, token: str | None, *, message: str,
                    cache: ProvenanceCache) -> VersionResult:
     """Commit the staged folder as the next version of ``repo_id`` and tag it (see module doc)."""
@@ -135,7 +144,8 @@ def commit_version(api, staged: Path, repo_id: str, ep: str, token: str | None, 
         refs, head_prov, fields = head_state(api, repo_id, ep, cache, token)
         repair_head(api, repo_id, ep, refs, fields, stats)
         k = (fields or {}).get("version")
-        if fields and fields["files"] == ours and k in refs.versions:
+        if fields and fields["files"] == ours and k in refs.versions and \
+                _holds(api, repo_id, ep, cache, token, refs.versions[k], refs.head, ours):
             return VersionResult(repo_id, k, refs.versions[k], True, stats)
         n = max(refs.latest, k or 0) + 1
         carried = ((head_prov or {}).get("team") or {}).get("metrics") or {}
