@@ -28,11 +28,7 @@ fuzz: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-cli-# The property-based fuzz suite with the long hypothesis profile (minutes, not seconds).
-fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -m fuzz $(PYTEST_ARGS)
-
-docs: $(STAMP)
+cli-docs: $(STAMP)
 	$(BIN)/python -m adapterhub_local.cli.reference > docs/cli.md
 
 lint: $(STAMP)
