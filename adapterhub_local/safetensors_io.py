@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidModel
+from .fsutil import open_input
 
 MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 MAX_DIMS = 64
@@ -217,7 +218,7 @@ def read_header(path, error: type = InvalidModel) -> tuple[dict[str, TensorInfo]
     field validated. ``error`` is the class raised (InvalidModel or InvalidAdapter)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        with open_input(path) as fh:  # never through a symlink, never a FIFO or device
             size = os.fstat(fh.fileno()).st_size
             first = fh.read(8)
             if len(first) != 8:
@@ -252,7 +253,7 @@ def read_arrays(path, error: type = InvalidModel, float32: bool = False
     infos, meta = read_header(path, error)
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        with open_input(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray()
     except (OSError, ValueError) as e:

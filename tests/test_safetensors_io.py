@@ -283,3 +283,18 @@ def test_merge_output_passes_its_own_reader_and_safetensors(llama_dir, adapter, 
     assert res.exit_code == 0, res.output
     infos, _ = read_header(merged / "adapter_model.safetensors", InvalidAdapter)
     assert infos
+
+
+def test_reader_never_follows_a_symlink_or_opens_a_fifo(shard, tmp_path):
+    import os
+
+    from adapterhub_local.errors import AdapterHubError
+
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(shard)
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    for p in (link, fifo):
+        with pytest.raises(AdapterHubError) as e:
+            read_header(p)
+        assert str(p) in str(e.value) and "\n" not in str(e.value)
