@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # pin max_examples themselves keep it; deadlines are off (a shared CPU makes them flaky) and
 # the fuzz tests bound each example's time themselves.
 settings.register_profile("ci", max_examples=100, deadline=None)
-settings.register_profile("long", max_examples=20_000, deadline=None,
+settings.register_profile("long", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
