@@ -66,29 +66,6 @@ def atomic_write_json(path: str | os.PathLike, obj, fsync: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", fsync=fsync)
 
 
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None,
-                     fsync: bool = True) -> int:
-    """Serialise ``tensors`` to ``path`` atomically; returns the byte size. All numpy arrays:
-    written without torch (same bytes as torch would write)."""
-    import numpy as np
-
-    if all(isinstance(v, np.ndarray) for v in tensors.values()):
-        from safetensors.numpy import save as save_np
-
-        data = save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-    else:
-        from safetensors.torch import save
-
-        from .lora import as_torch
-
-        data = save({k: as_torch(v).contiguous() for k, v in tensors.items()}, metadata=metadata)
-    from .safetensors_io import check_encoded
-
-    check_encoded(data)  # never write a file our own reader would refuse
-    atomic_write_bytes(path, data, fsync=fsync)
-    return len(data)
-
-
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside ``out``; on success it becomes ``out`` in one rename.

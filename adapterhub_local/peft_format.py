@@ -293,7 +293,8 @@ def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
 def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False,
                  extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write a PEFT folder atomically (temp dir, then one rename)."""
-    from .fsutil import atomic_dir, atomic_write_bytes, save_safetensors
+    from .fsutil import atomic_dir, atomic_write_bytes
+    from .safetensors_io import save_safetensors
 
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidModel
-from .fsutil import open_input
+from .fsutil import atomic_write_bytes, open_input
 
 MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 MAX_DIMS = 64
@@ -275,6 +275,28 @@ def read_arrays(path, error: type = InvalidModel, float32: bool = False
                 a = a.astype(np.float32)
         out[name] = a
     return out, meta, infos
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None,
+                     fsync: bool = True) -> int:
+    """Serialise ``tensors`` (numpy arrays or torch tensors) to ``path`` atomically with
+    safetensors' own writer; returns the byte size. All numpy arrays: written without torch
+    (same bytes as torch would write). The bytes pass our reader's checks before they land."""
+    import numpy as np
+
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save as save_np
+
+        data = save_np({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    else:
+        from safetensors.torch import save
+
+        from .lora import as_torch
+
+        data = save({k: as_torch(v).contiguous() for k, v in tensors.items()}, metadata=metadata)
+    check_encoded(data)  # never write a file our own reader would refuse
+    atomic_write_bytes(path, data, fsync=fsync)
+    return len(data)
 
 
 def check_encoded(data: bytes) -> None:

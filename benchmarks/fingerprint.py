@@ -16,8 +16,8 @@ import time
 import torch
 
 from adapterhub_local.fingerprint import fingerprint_model, model_files
-from adapterhub_local.fsutil import save_safetensors
 from adapterhub_local.paths import cache_dir
+from adapterhub_local.safetensors_io import save_safetensors
 
 
 def build(gb: float):

@@ -23,6 +23,7 @@ from adapterhub_local.safetensors_io import (
     encode_header,
     read_arrays,
     read_header,
+    save_safetensors,
 )
 
 
@@ -202,10 +203,8 @@ def test_encode_header_refuses_what_the_reader_would(tmp_path):
 
 
 def test_save_safetensors_checks_what_it_writes(tmp_path, monkeypatch):
-    """fsutil.save_safetensors (adapters, checkpoints) re-reads its bytes before writing them."""
+    """save_safetensors (adapters, checkpoints) re-reads its bytes before writing them."""
     from safetensors.torch import save
-
-    from adapterhub_local import fsutil
 
     good = save({"a": torch.ones(2, 2)}, metadata={"format": "pt"})
     check_encoded(good)
@@ -213,7 +212,7 @@ def test_save_safetensors_checks_what_it_writes(tmp_path, monkeypatch):
         check_encoded(good[:-1])
     monkeypatch.setattr("safetensors.torch.save", lambda *a, **k: good + b"\0")  # a writer bug
     with pytest.raises(AssertionError):
-        fsutil.save_safetensors({"a": torch.ones(2, 2)}, tmp_path / "x.safetensors")
+        save_safetensors({"a": torch.ones(2, 2)}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 

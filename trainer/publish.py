@@ -13,8 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..fsutil import atomic_write_text, save_safetensors
+from ..fsutil import atomic_write_text
 from ..peft_format import CONFIG_NAME, WEIGHTS_NAME
+from ..safetensors_io import save_safetensors
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 
