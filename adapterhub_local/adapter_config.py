@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from .errors import InvalidAdapter, PatternError
@@ -23,6 +24,7 @@ MAX_DEPTH = 16
 MAX_RANK = 1 << 16
 MAX_ALPHA = 1e6
 
+_PLAIN = re.compile(r"[A-Za-z0-9_\-]{1,40}")
 BOOL_FIELDS = ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode", "lora_bias")
 STR_FIELDS = ("peft_type", "bias")
 OPTIONAL_STR_FIELDS = ("task_type", "base_model_name_or_path", "revision")
@@ -53,7 +55,8 @@ def _walk(value, path: str, depth: int, where) -> None:
         raise InvalidAdapter(where, f"{path}: {value.text} is not a finite number")
     if isinstance(value, dict):
         for k, v in value.items():
-            _walk(v, f"{path}.{k}" if path else str(k), depth + 1, where)
+            name = k if _PLAIN.fullmatch(k) else _short(k)  # a key may hold any character
+            _walk(v, f"{path}.{name}" if path else name, depth + 1, where)
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _walk(v, f"{path}[{i}]", depth + 1, where)

@@ -25,7 +25,8 @@ from adapterhub_local.lora import pattern_key
 from adapterhub_local.safetensors_io import DTYPES, encode_header, numel, read_arrays, read_header
 
 pytestmark = pytest.mark.fuzz
-SLOW = 2.0  # seconds: far above any honest example, far below a hang
+SLOW = 2.0  # CPU seconds of this thread (load on a shared box does not count): far above any
+# honest example, far below a hang
 FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -52,7 +53,7 @@ def check_valid(path, infos: dict, meta: dict) -> None:
 
 def read_both(path) -> None:
     """read_header and read_arrays: a valid result or InvalidModel, quickly."""
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     try:
         infos, meta = read_header(path)
     except InvalidModel as e:
@@ -66,7 +67,7 @@ def read_both(path) -> None:
         else:
             for name, a in arrays.items():
                 assert list(a.shape) == infos[name].shape
-    assert time.perf_counter() - t0 < SLOW
+    assert time.thread_time() - t0 < SLOW
 
 
 @FIXTURES
@@ -152,13 +153,13 @@ def test_mutated_valid_headers(scratch, file, data):
 
 
 def config_outcome(text) -> dict | None:
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     try:
         cfg = parse_config(text, "adapter_config.json")
     except InvalidAdapter as e:
         assert "\n" not in str(e)
         cfg = None
-    assert time.perf_counter() - t0 < SLOW
+    assert time.thread_time() - t0 < SLOW
     return cfg
 
 
@@ -218,9 +219,9 @@ def test_pattern_key_agrees_with_peft(pattern, module):
 @example("(a|aa)*$", 10_000)
 def test_pattern_key_is_fast_on_long_names(pattern, n):
     module = "model." + "a" * n + "!"
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     try:
         pattern_key([pattern], module)
     except PatternError:
         pass
-    assert time.perf_counter() - t0 < SLOW
+    assert time.thread_time() - t0 < SLOW
