@@ -176,7 +176,8 @@ def convert(src: str | Path, target: str, out: str | Path, *, max_rank: int | No
         raise AssertionError(f"convert: ΔW differs by {worst:.3g} (relative) without a lossy option")
 
     from .. import provenance
-    from ..fsutil import atomic_dir, save_safetensors
+    from ..fsutil import atomic_dir
+    from ..safetensors_io import save_safetensors
 
     out = Path(out)
     src_prov = provenance.read(facts.folder)
