@@ -1,0 +1,82 @@
+"""The everyday verbs start without torch or transformers: each is run for real, in its own
+subprocess, against tiny inputs written with numpy (tiny_np.py), and the process's
+``sys.modules`` is read when it ends. Start-up *times* live in benchmarks/cli.py."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny_np import make_adapter, make_base
+
+from adapterhub_local.cli import cli
+
+HEAVY = ("torch", "transformers")
+
+# the verb's arguments ({base}, {adapter}, {tmp} filled in) and a line its output must hold
+VERBS = {
+    "list": (["list", "--json"], '"name": "a"'),
+    "register": (["register", "{adapter}", "--name", "b", "--base", "{base}"], "registered b@1"),
+    "show": (["show", "a"], "a@1"),
+    "inspect": (["inspect", "{adapter}"], "model.layers.1.self_attn.v_proj"),
+    "verify": (["verify", "a"], "ok"),
+    "export": (["export", "a", "{tmp}/exported"], "exported"),
+    "fingerprint": (["fingerprint", "{base}"], "sha256:"),
+    "push --dry-run": (["push", "a", "me/tiny", "--dry-run", "--dry-run-dir", "{tmp}/staged"], "nothing was sent"),
+}
+
+PROBE = """
+import sys
+from adapterhub_local.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    if e.code:
+        raise
+print("HEAVY", sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("startup")
+    base = make_base(root / "base")
+    adapter = make_adapter(root / "adapter", base)
+    home = root / "home"
+    env = {**os.environ, "ADAPTERS_HOME": str(home), "ADAPTERS_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", "from adapterhub_local.cli import main; main()", "register",
+                        str(adapter), "--name", "a", "--base", str(base)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return {"base": str(base), "adapter": str(adapter), "env": env}
+
+
+def run_verb(args: list[str], env: dict) -> tuple[list[str], str]:
+    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, f"adapters {' '.join(args)} failed:\n{r.stderr[-3000:]}"
+    out, _, last = r.stdout.rstrip("\n").rpartition("\n")
+    assert last.startswith("HEAVY "), r.stdout
+    return ast.literal_eval(last[6:]), out
+
+
+def test_every_listed_verb_exists():
+    assert {v.split()[0] for v in VERBS} <= set(cli.commands)
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_verb_imports_no_torch(verb, inputs, tmp_path):
+    template, expect = VERBS[verb]
+    args = [a.format(base=inputs["base"], adapter=inputs["adapter"], tmp=tmp_path) for a in template]
+    heavy, out = run_verb(args, inputs["env"])
+    assert expect in out, out
+    assert heavy == [], f"adapters {verb} imported {heavy}"
+
+
+def test_the_probe_sees_an_import(inputs):
+    # a probe that never reports anything would pass every verb: make one import torch
+    code = "import sys; sys.modules.setdefault('torch', object())\n" + PROBE.format(heavy=HEAVY)
+    r = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True, env=inputs["env"])
+    assert r.stdout.rstrip().endswith("HEAVY ['torch']"), r.stdout + r.stderr
