@@ -24,7 +24,32 @@ def enabled() -> bool:
     return sys.stderr.isatty()
 
 
+class _Quiet:
+    """What ``bar`` returns when bars are off: tqdm's methods that we call, doing nothing
+    (``write`` still prints), so scripts and CI never import tqdm (~0.1 s of start-up)."""
+
+    def update(self, n: float = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kw) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def write(self, s: str, file=None, end: str = "\n") -> None:
+        print(s, file=file or sys.stdout, end=end)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def bar(total=None, desc: str = "", unit: str = "it", **kw):
+    if not enabled():
+        return _Quiet()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled(), file=sys.stderr,

@@ -1,6 +1,7 @@
-"""The everyday verbs start without torch or transformers: each is run for real, in its own
-subprocess, against tiny inputs written with numpy (tiny_np.py), and the process's
-``sys.modules`` is read when it ends. Start-up *times* live in benchmarks/cli.py."""
+"""The everyday verbs start without torch or transformers (nor tqdm when progress bars are
+off, as in scripts): each is run for real, in its own subprocess, against tiny inputs written
+with numpy (tiny_np.py), and the process's ``sys.modules`` is read when it ends. Start-up
+*times* live in benchmarks/cli.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tiny_np import make_adapter, make_base
 
 from adapterhub_local.cli import cli
 
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "tqdm")
 
 # the verb's arguments ({base}, {adapter}, {tmp} filled in) and a line its output must hold
 VERBS = {
@@ -80,3 +81,19 @@ def test_the_probe_sees_an_import(inputs):
     code = "import sys; sys.modules.setdefault('torch', object())\n" + PROBE.format(heavy=HEAVY)
     r = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True, env=inputs["env"])
     assert r.stdout.rstrip().endswith("HEAVY ['torch']"), r.stdout + r.stderr
+
+
+def test_the_quiet_bar_still_writes(monkeypatch, capsys):
+    from adapterhub_local.progress import bar
+
+    monkeypatch.setenv("ADAPTERS_PROGRESS", "0")
+    with bar(3, "x", "it") as pb:
+        pb.update()
+        pb.set_postfix(loss="1.0")
+        pb.write("step 1: eval loss 1.0", file=sys.stderr)
+    pb.close()
+    assert capsys.readouterr().err == "step 1: eval loss 1.0\n"
+    monkeypatch.setenv("ADAPTERS_PROGRESS", "1")
+    shown = bar(3, "x", "it")
+    assert type(shown).__name__ == "tqdm" or type(shown).__module__.startswith("tqdm"), type(shown)
+    shown.close()
