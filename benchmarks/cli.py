@@ -4,8 +4,8 @@ a fresh process, against `python -c pass` and `python -c "import numpy"` in the 
     .venv/bin/python benchmarks/cli.py [--runs 11] [--adapter-mb 50]
 
 Goals (issue 11): list, show, register, inspect, verify, export, fingerprint, push --dry-run
-(and the serving `check`, when it exists) import no torch and each start in <= 0.3 s on an
-empty registry (show, verify, export and push read a registry holding one tiny adapter);
+and the serving `check` import no torch and each start in <= 0.3 s on an
+empty registry (show, verify, export, push and check read a registry holding one tiny adapter);
 registering a 50 MB adapter costs its hashing time plus <= 0.3 s. Inputs are written with
 numpy (tests/tiny_np.py); nothing touches the network.
 """
@@ -76,7 +76,6 @@ def main() -> None:
 
     from tiny_np import make_adapter, make_base
 
-    from adapterhub_local.cli import cli
     from adapterhub_local.fingerprint import file_sha256
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-cli-"))
@@ -107,9 +106,8 @@ def main() -> None:
         ("fingerprint (cached)", wall([ADAPTERS, "fingerprint", str(base)], one, n)),
         ("push --dry-run", wall(lambda i: [ADAPTERS, "push", "a", "me/tiny", "--dry-run", "--dry-run-dir",
                                            str(tmp / f"dry{i}")], one, n)),
+        ("check --for vllm --base", wall([ADAPTERS, "check", "a", "--for", "vllm", "--base", str(base)], one, n)),
     ]
-    if "check" in cli.commands:  # the serving check (adapterhub_local/cli/serve_cmds.py)
-        rows.append(("check", wall([ADAPTERS, "check", str(small)], env, n)))
     big_files = sorted(p for p in big.iterdir() if p.is_file())
     big_mb = sum(p.stat().st_size for p in big_files) / 2**20
     big_runs = max(3, n // 2)

@@ -27,6 +27,7 @@ VERBS = {
     "export": (["export", "a", "{tmp}/exported"], "exported"),
     "fingerprint": (["fingerprint", "{base}"], "sha256:"),
     "push --dry-run": (["push", "a", "me/tiny", "--dry-run", "--dry-run-dir", "{tmp}/staged"], "nothing was sent"),
+    "check": (["check", "a", "--for", "vllm", "--base", "{base}"], "vLLM 0.33: ok"),
 }
 
 PROBE = """
