@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adapterhub_local.fsutil import save_safetensors
 from adapterhub_local.peft_format import lora_config
+from adapterhub_local.safetensors_io import save_safetensors
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
