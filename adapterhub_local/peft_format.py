@@ -236,7 +236,8 @@ def parse_state_dict(tensors: dict, cfg: dict, where: Path | str = "<memory>",
     for name, p in sorted(parts.items()):
         if is_expert_module(name, cfg):  # experts.py: which parameter is decided against the base
             if set(p) != {"lora_A", "lora_B"}:
-                raise UnsupportedAdapter(wfile, f"{name}: expert LoRA with {', '.join(sorted(set(p) - {'lora_A', 'lora_B'})) or 'a missing factor'} "
+                extra_parts = ", ".join(sorted(set(p) - {"lora_A", "lora_B"})) or "a missing factor"
+                raise UnsupportedAdapter(wfile, f"{name}: expert LoRA with {extra_parts} "
                                          "is not supported (only lora_A and lora_B)")
             a, b = p["lora_A"], p["lora_B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:

@@ -58,9 +58,9 @@ extra             writer-specific facts, free-form JSON (``tuned_fingerprint`` o
 ================  ==================================================================
 
 A team push fills ``team``, ``base.fingerprint``, ``lineage`` and ``metrics`` (the
-metrics when it was pushed; ``team.metrics`` those logged later); a pull records ``source``. Content is a pure function of what is described
-(no write timestamps except an export's ``extra.exported_at``), so pushing the same thing
-twice writes the same bytes.
+metrics when it was pushed; ``team.metrics`` those logged later); a pull records ``source``.
+Content is a pure function of what is described (no write timestamps except an export's
+``extra.exported_at``), so pushing the same thing twice writes the same bytes.
 """
 
 from __future__ import annotations

@@ -111,8 +111,9 @@ def main() -> None:
     big_files = sorted(p for p in big.iterdir() if p.is_file())
     big_mb = sum(p.stat().st_size for p in big_files) / 2**20
     big_runs = max(3, n // 2)
-    reg_big, reg_big_cpu = wall(lambda i: [ADAPTERS, "--registry", str(tmp / f"big{i}"), "register", str(big), "--name", "big"],
-                   env, big_runs)
+    reg_big, reg_big_cpu = wall(
+        lambda i: [ADAPTERS, "--registry", str(tmp / f"big{i}"), "register", str(big), "--name", "big"],
+        env, big_runs)
     hashing = []
     for _ in range(big_runs):
         t = time.perf_counter()

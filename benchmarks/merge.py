@@ -88,7 +88,10 @@ def build_base(path: Path) -> Path:
     print("building the synthetic 1.1B bf16 base (once) ...", file=sys.stderr)
     for n in names:
         shp = shapes()[n]
-        t = (torch.randn(shp, generator=g) * 0.02).to(torch.bfloat16) if len(shp) == 2 else torch.ones(shp, dtype=torch.bfloat16)
+        if len(shp) == 2:
+            t = (torch.randn(shp, generator=g) * 0.02).to(torch.bfloat16)
+        else:
+            t = torch.ones(shp, dtype=torch.bfloat16)
         if size + t.numel() * 2 > limit:
             flush()
         shard[n] = t
@@ -239,13 +242,15 @@ def main() -> None:
         cold = None
         for _ in range(args.repeat):  # a fresh cache each time: the fingerprint is hashed while merging
             shutil.rmtree(cold_cache, ignore_errors=True)
-            run("ours x1 (cold fingerprint)", [ADAPTERS, "merge", str(base), str(adapters[0]), "--out", "{out}", "--json"],
+            run("ours x1 (cold fingerprint)",
+                [ADAPTERS, "merge", str(base), str(adapters[0]), "--out", "{out}", "--json"],
                 {**env, "ADAPTERS_CACHE": str(cold_cache)})
             r = results["ours x1 (cold fingerprint)"]
             cold = r if cold is None or r[0] < cold[0] else (cold[0], max(cold[1], r[1]))
         results["ours x1 (cold fingerprint)"] = cold
         run("ours x1", [ADAPTERS, "merge", str(base), str(adapters[0]), "--out", "{out}", "--json"], env, args.repeat)
-        run("ours x8", [ADAPTERS, "merge", str(base), *map(str, adapters), "--out", "{out}", "--json"], env, args.repeat)
+        run("ours x8", [ADAPTERS, "merge", str(base), *map(str, adapters), "--out", "{out}", "--json"],
+            env, args.repeat)
         # DoRA against plain LoRA of the same rank, interleaved so a busy machine hits both alike
         best: dict[str, tuple[float, float]] = {}
         for _ in range(args.repeat):

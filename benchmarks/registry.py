@@ -130,7 +130,8 @@ def main() -> None:
             lambda: reg.list(where=["eval_loss<1.2 and accuracy>0.9"], limit=50))
         results["list --limit 50 --where eval_loss<0.52 (1% match)"] = ms(
             lambda: reg.list(where=["eval_loss<0.52"], limit=50))
-        results["list --limit 50 --where eval_loss<0 (no match)"] = ms(lambda: reg.list(where=["eval_loss<0"], limit=50))
+        results["list --limit 50 --where eval_loss<0 (no match)"] = ms(
+            lambda: reg.list(where=["eval_loss<0"], limit=50))
         results["list --limit 50 --where eval_loss<1.2 --sort eval_loss"] = ms(
             lambda: reg.list(where=["eval_loss<1.2"], sort="eval_loss", limit=50))
         results["list --limit 50 --name 'adapter-09*' --latest"] = ms(

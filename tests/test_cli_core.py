@@ -68,7 +68,8 @@ BAD_CASES = {
         ["adapter_model.safetensors", "truncated or corrupt"],
     ),
     "garbage": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 64), ["truncated or corrupt"]),
-    "config_not_json": (lambda d: (d / "adapter_config.json").write_text("{r: 4"), ["adapter_config.json", "not valid JSON"]),
+    "config_not_json": (lambda d: (d / "adapter_config.json").write_text("{r: 4"),
+                        ["adapter_config.json", "not valid JSON"]),
     "a_without_b": (
         lambda d: _edit_tensors(d, lambda t: t.pop(_a_key(t).replace("lora_A", "lora_B"))),
         ["has lora_A but no lora_B"],

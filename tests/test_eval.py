@@ -270,8 +270,9 @@ def test_applied_lora_bias_and_modules_to_save_match_peft(world, tmp_path):
     # two adapters replacing the same tensor cannot both win
     from adapterhub_local.errors import InvalidAdapter
 
-    with pytest.raises(InvalidAdapter, match="replaced by two adapters"), applied(model, [(adapter, 1.0), (adapter, 1.0)]):
-        pass
+    with pytest.raises(InvalidAdapter, match="replaced by two adapters"):
+        with applied(model, [(adapter, 1.0), (adapter, 1.0)]):
+            pass
     assert torch.allclose(model(input_ids=x).logits, load_model(world["base"])(input_ids=x).logits)
 
 

@@ -499,7 +499,8 @@ def test_pull_refuses_non_lora_repos(hub_env, capsys, files, expect):
 def test_pull_detects_files_changed_after_publication(hub_env, models, adapter_dir, capsys):
     ok("push", str(adapter_dir), "alice/tampered")
     other = models["other"]
-    hub_env.add_repo("alice/tampered", {"adapter_model.safetensors": (other / "adapter_model.safetensors").read_bytes()})
+    weights = (other / "adapter_model.safetensors").read_bytes()
+    hub_env.add_repo("alice/tampered", {"adapter_model.safetensors": weights})
     line = fails(capsys, "pull", "alice/tampered")
     assert "adapterhub.json records" in line
 

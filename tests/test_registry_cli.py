@@ -64,7 +64,8 @@ def test_register_list_show_roundtrip(adapters, tmp_path):
     assert [r["ref"] for r in run_json("list", "--alias", "staging")] == ["support@1"]
     assert len(run_json("list", "--limit", "1")) == 1
     shown = run("show", "support@1")
-    for text in ("support@1", "staging", "domain=help", "first try", "support@2", "eval_loss", "adapter_model.safetensors"):
+    for text in ("support@1", "staging", "domain=help", "first try", "support@2", "eval_loss",
+                 "adapter_model.safetensors"):
         assert text in shown
     d = run_json("show", "support")
     assert d["ref"] == "support@2" and d["parents"] == ["support@1"] and d["metrics"] == {"eval_loss": 1.1}

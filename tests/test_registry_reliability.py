@@ -102,7 +102,8 @@ def test_eight_processes_register_200_adapters_at_once(tmp_path):
     assert proc.returncode == 0, err
     lines = out.splitlines()
     assert lines[-1] == "done 0"
-    assert [ln.split()[-1] for ln in lines[:-1]] == ["True"] * (procs_n * per), [ln for ln in lines if not ln.endswith("True")]
+    assert [ln.split()[-1] for ln in lines[:-1]] == ["True"] * (procs_n * per), [
+        ln for ln in lines if not ln.endswith("True")]
     reg = open_registry(home)
     versions = _assert_gap_free(reg)
     assert sum(len(v) for v in versions.values()) == procs_n * per

@@ -34,7 +34,8 @@ def variant(src: Path, out: Path, seed: int) -> Path:
     out.mkdir(parents=True)
     shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
     g = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in load_file(src / "adapter_model.safetensors").items()}
+    src_tensors = load_file(src / "adapter_model.safetensors")
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in src_tensors.items()}
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
 
@@ -79,7 +80,8 @@ def test_two_machines_push_alias_list_pull(env, models, tmp_path, monkeypatch):
     assert (p1["version"], p2["version"]) == (1, 2) and not p1["unchanged"]
     assert env.tags(repo) == {"v1": p1["commit_id"], "v2": p2["commit_id"]}
     again = js("push", "support@2", repo)  # already there: no new version
-    assert again["unchanged"] and again["version"] == 2 and env.tags(repo) == {"v1": p1["commit_id"], "v2": p2["commit_id"]}
+    assert again["unchanged"] and again["version"] == 2
+    assert env.tags(repo) == {"v1": p1["commit_id"], "v2": p2["commit_id"]}
     out = ok("push", "support@1", repo)  # content of v1 again, but head is v2: a new version, v3
     assert "as v3" in out
     assert js("show", "support@2")["hub"][0]["revision"] == "v2"

@@ -58,7 +58,8 @@ def _register(app, report, out, name: str | None, inputs, *, adapter: bool) -> N
         hint(f"registered {rec.ref} (merge #{merge_id}, parents: {', '.join(rec.parents) or 'none'})")
     else:
         merge_id = reg.record_merge(inputs=[i.record or str(i.folder) for i in inputs],
-                                    weights=[i.weight for i in inputs], method="linear", params={**params, "name": name},
+                                    weights=[i.weight for i in inputs], method="linear",
+                                    params={**params, "name": name},
                                     output=os.path.abspath(out), recipe=recipe)
         report.registered = {"name": name, "merge_id": merge_id, "output": os.path.abspath(out)}
         hint(f"recorded merge #{merge_id} ({name}) in the registry; a merged model is not an adapter "
@@ -107,7 +108,8 @@ def _show(report, as_json: bool) -> None:
 
 @click.command()
 @click.argument("args", nargs=-1, metavar="[BASE_DIR] REF [REF ...]")
-@click.option("--out", "-o", "out", type=click.Path(), required=True, help="Output folder (appears only when complete).")
+@click.option("--out", "-o", "out", type=click.Path(), required=True,
+              help="Output folder (appears only when complete).")
 @click.option("--weights", "-w", metavar="W1,W2,..", help="One weight per adapter (default 1 each).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Output dtype of the merged model's floating tensors (auto: keep each tensor's).")
@@ -120,7 +122,8 @@ def _show(report, as_json: bool) -> None:
 @click.option("--density", type=float, help="Share of entries kept by ties / dare / magnitude_prune (default 0.5).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random masks.")
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Replay a recipe.yaml (byte-identical output).")
-@click.option("--register", "register_name", metavar="NAME", help="Record the result (and its lineage) in the registry.")
+@click.option("--register", "register_name", metavar="NAME",
+              help="Record the result (and its lineage) in the registry.")
 @click.option("--force", is_flag=True, help="Merge even if the base fingerprint does not match (noted in the card).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically, when complete).")
 @json_option

@@ -89,7 +89,8 @@ def _metric_columns(recs, where, sort, limit=3) -> list[str]:
 
 @click.command(name="list")
 @click.option("--name", metavar="GLOB", help="Only names matching this glob, e.g. 'legal-*'.")
-@click.option("--base", metavar="FP|NAME", help="Only versions on this base (fingerprint, its prefix, or the base's name/path).")
+@click.option("--base", metavar="FP|NAME",
+              help="Only versions on this base (fingerprint, its prefix, or the base's name/path).")
 @click.option("--alias", metavar="ALIAS", help="Only versions that ALIAS points at (e.g. prod).")
 @click.option("--where", "where", multiple=True, metavar="COND",
               help="Metric condition: KEY OP NUMBER with OP in < <= > >= = != (repeat, or join with 'and'). "

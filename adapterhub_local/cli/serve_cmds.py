@@ -80,7 +80,8 @@ def check(app, src, target, base_dir, max_lora_rank, as_json):
 @click.argument("src", metavar="SRC")
 @click.option("--for", "target", type=click.Choice(TARGETS), default="vllm", show_default=True,
               help="Serving target to write for.")
-@click.option("--out", "-o", "out", type=click.Path(), required=True, help="Output folder (appears only when complete).")
+@click.option("--out", "-o", "out", type=click.Path(), required=True,
+              help="Output folder (appears only when complete).")
 @click.option("--max-rank", type=int, metavar="R", help="Compress modules above rank R with a truncated SVD "
               "(changes ΔW: the error is reported).")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), metavar="DIR",

@@ -94,7 +94,8 @@ def _metrics(value, where: str) -> dict[str, float]:
     out = {}
     for k, v in value.items():
         if not isinstance(k, str) or not _KEY.match(k):
-            raise HubError(f"{where}: bad metric name {k[:40]!r}" if isinstance(k, str) else f"{where}: bad metric name")
+            raise HubError(f"{where}: bad metric name {k[:40]!r}" if isinstance(k, str)
+                           else f"{where}: bad metric name")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
             raise HubError(f"{where}: metric {k} is not a finite number ({str(v)[:20]!r})")
         out[k] = float(v)

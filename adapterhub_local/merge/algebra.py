@@ -247,7 +247,8 @@ def merge_adapters(inputs: list[MergeInput], out, method: str = "cat", rank: int
     save_adapter(adapter, out, overwrite=overwrite, extra_files={
         "recipe.yaml": recipe_text,
         provenance.NAME: provenance.dumps(prov),
-        "README.md": merge_adapter_card(base_model=adapter.base_model, base_fingerprint=provenance.base_fingerprint(prov),
+        "README.md": merge_adapter_card(base_model=adapter.base_model,
+                                        base_fingerprint=provenance.base_fingerprint(prov),
                                         recipe=recipe, recipe_text=recipe_text, summary=report.summary,
                                         warnings=report.warnings),
     })

@@ -86,8 +86,10 @@ def _served_scale(p, cfg: dict, name: str) -> float:
 def _tensors(mods, other: dict) -> dict:
     out = {}
     for name, m in mods.items():
-        a_key, b_key = ((f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B")
-                        if m.kind == "embedding" else (f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"))
+        if m.kind == "embedding":
+            a_key, b_key = f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
+        else:
+            a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
         out[a_key], out[b_key] = m.A.contiguous(), m.B.contiguous()
     out.update(other)
     return out
