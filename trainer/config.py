@@ -81,8 +81,8 @@ class TrainConfig:
             bad("alpha", f"must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             bad("dropout", f"must be in [0, 1), got {self.dropout}")
-        if not self.lr > 0:
-            bad("lr", f"must be positive, got {self.lr}")
+        if not 0 < self.lr <= 1e38:  # NaN fails too; above float32's range AdamW cannot step
+            bad("lr", f"must be a positive number of at most 1e38, got {self.lr}")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"unknown schedule {self.schedule!r}", f"valid: {', '.join(SCHEDULES)}")
         if self.warmup < 0:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterHubError, InvalidModel
+from ..fsutil import check_output
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .distributed import Dist
@@ -162,6 +163,8 @@ def _resumes_inside(out: Path, resume_from: Path | None) -> bool:
 def check_out(cfg: TrainConfig, resume_from: Path | None) -> Path:
     """Refuse an --out we would clobber (before any work); created later, once all input is valid."""
     out = cfg.out_dir
+    # --overwrite deletes --out: it may never be (or hold) the base, the data or the registry home
+    check_output(out, inputs=[cfg.base, cfg.data, cfg.eval], registry_homes=[cfg.registry_home])
     if out.exists() and not out.is_dir():
         raise AdapterHubError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not _resumes_inside(out, resume_from) and not cfg.overwrite:
