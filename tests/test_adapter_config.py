@@ -9,34 +9,14 @@ import time
 
 import pytest
 import torch
+from clitools import one_line_error, run
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from tiny import make_peft_adapter
 
 from adapterhub_local.adapter_config import MAX_BYTES, parse_config
-from adapterhub_local.cli import main
 from adapterhub_local.errors import InvalidAdapter, PatternError
 from adapterhub_local.lora import pattern_key
-
-
-def run(args, capsys):
-    """The console entry point (what a user runs): (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    got = capsys.readouterr()
-    return code, got.out, got.err
-
-
-def one_line_error(res, *words):
-    code, out, err = res
-    assert code == 1 and out == "", (code, out, err)
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from clitools import one_line_error, run
 from safetensors.torch import load_file, save_file
 from tiny import make_peft_adapter
 
-from adapterhub_local.cli import cli, main
+from adapterhub_local.cli import cli
 from adapterhub_local.errors import InvalidAdapter, InvalidModel
 from adapterhub_local.safetensors_io import (
     DTYPES,
@@ -217,23 +218,6 @@ def test_save_safetensors_checks_what_it_writes(tmp_path, monkeypatch):
 
 
 # ---- the CLI: a lying base shard, a lying adapter ----
-
-def run(args, capsys):
-    """The console entry point (what a user runs): (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    got = capsys.readouterr()
-    return e.value.code, got.out, got.err
-
-
-def one_line_error(res, *words):
-    code, out, err = res
-    assert code == 1 and out == "", (code, out, err)
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, llama_dir):
