@@ -69,7 +69,9 @@ def parse_config(text: str | bytes, where) -> dict:
     try:
         cfg = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_NonFinite)
     except RecursionError:
-        raise InvalidAdapter(where, f"not valid JSON (nests deeper than {MAX_DEPTH} levels)") from None
+        raise InvalidAdapter(
+            where, f"not valid JSON (nests deeper than {MAX_DEPTH} levels)"
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidAdapter(where, f"not valid JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(cfg, dict):
@@ -80,8 +82,18 @@ def parse_config(text: str | bytes, where) -> dict:
 
 
 def _type(v) -> str:
-    return "null" if v is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-                                     int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+    return (
+        "null"
+        if v is None
+        else {
+            dict: "an object",
+            list: "a list",
+            str: "a string",
+            bool: "a boolean",
+            int: "an integer",
+            float: "a number",
+        }.get(type(v), type(v).__name__)
+    )
 
 
 def _number(v) -> bool:
@@ -100,8 +112,10 @@ def check_alpha(v, field: str, where) -> float:
     if not _number(v):
         raise InvalidAdapter(where, f"{field} must be a number, got {_type(v)} {_short(v)}")
     if not math.isfinite(float(v)) or abs(v) > MAX_ALPHA:
-        raise InvalidAdapter(where, f"{field} must be a finite number with |{field}| <= {MAX_ALPHA:g}, "
-                             f"got {_short(v)}")
+        raise InvalidAdapter(
+            where,
+            f"{field} must be a finite number with |{field}| <= {MAX_ALPHA:g}, got {_short(v)}",
+        )
     return float(v)
 
 
@@ -126,7 +140,9 @@ def check_config(cfg: dict, where) -> None:
             raise InvalidAdapter(where, f"lora_dropout must be a number in [0, 1], got {_short(v)}")
     for name in BOOL_FIELDS:
         if name in cfg and not isinstance(cfg[name], bool):
-            raise InvalidAdapter(where, f"{name} must be true or false, got {_type(cfg[name])} {_short(cfg[name])}")
+            raise InvalidAdapter(
+                where, f"{name} must be true or false, got {_type(cfg[name])} {_short(cfg[name])}"
+            )
     for name in STR_FIELDS:
         if name in cfg and not isinstance(cfg[name], str):
             raise InvalidAdapter(where, f"{name} must be a string, got {_type(cfg[name])}")
@@ -135,19 +151,32 @@ def check_config(cfg: dict, where) -> None:
             raise InvalidAdapter(where, f"{name} must be a string or null, got {_type(cfg[name])}")
     for name in STR_LIST_FIELDS:
         if cfg.get(name) is not None and not _str_list(cfg[name]):
-            raise InvalidAdapter(where, f"{name} must be a list of strings or null, got {_type(cfg[name])}")
+            raise InvalidAdapter(
+                where, f"{name} must be a list of strings or null, got {_type(cfg[name])}"
+            )
     for name in STR_OR_LIST_FIELDS:
         v = cfg.get(name)
         if v is not None and not isinstance(v, str) and not _str_list(v):
-            raise InvalidAdapter(where, f"{name} must be a string, a list of strings or null, got {_type(v)}")
+            raise InvalidAdapter(
+                where, f"{name} must be a string, a list of strings or null, got {_type(v)}"
+            )
     v = cfg.get("layers_to_transform")
-    if v is not None and not (isinstance(v, int) and not isinstance(v, bool)) and not (
-            isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
-        raise InvalidAdapter(where, f"layers_to_transform must be an integer, a list of integers or null, "
-                             f"got {_type(v)}")
+    if (
+        v is not None
+        and not (isinstance(v, int) and not isinstance(v, bool))
+        and not (
+            isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        )
+    ):
+        raise InvalidAdapter(
+            where,
+            f"layers_to_transform must be an integer, a list of integers or null, got {_type(v)}",
+        )
     v = cfg.get("init_lora_weights")
     if v is not None and not isinstance(v, (bool, str)):
-        raise InvalidAdapter(where, f"init_lora_weights must be true, false or a method name, got {_type(v)}")
+        raise InvalidAdapter(
+            where, f"init_lora_weights must be true, false or a method name, got {_type(v)}"
+        )
     _check_patterns(cfg, where)
 
 
@@ -159,7 +188,9 @@ def _check_patterns(cfg: dict, where) -> None:
         if patterns is None:
             continue
         if not isinstance(patterns, dict):
-            raise InvalidAdapter(where, f"{field} must be an object (pattern -> value), got {_type(patterns)}")
+            raise InvalidAdapter(
+                where, f"{field} must be an object (pattern -> value), got {_type(patterns)}"
+            )
         for key, value in patterns.items():
             check(value, f"{field}[{_short(key)}]", where)
             try:

@@ -86,15 +86,17 @@ def suffix_regex(key: str):
     except ImportError:  # no RE2 on this platform: literal names (with \. and |) only
         if re.fullmatch(r"(?:[\w\-]|\\\.|\.|\|)*", key):
             return re.compile(spliced)
-        raise PatternError(key, "needs google-re2 (pip install google-re2) to be matched in bounded time") from None
+        raise PatternError(
+            key, "needs google-re2 (pip install google-re2) to be matched in bounded time"
+        ) from None
     options = re2.Options()
     options.log_errors = False  # RE2 would print its own line to stderr
     try:
         return re2.compile(rf"(.*\.)?({key})\n?$", options=options)
     except Exception as e:  # re2's error type is private
         why = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise PatternError(key, f"cannot be matched in bounded time ({why}; lookaround, backreferences "
-                           "and atomic groups are not supported)") from None
+        raise PatternError(key, f"cannot be matched in bounded time ({why}; lookaround, "
+                           "backreferences and atomic groups are not supported)") from None
 
 
 def pattern_key(patterns, module: str) -> str | None:
@@ -214,20 +216,22 @@ class LoraModule:
 
 
 def orient_delta(d, transposed: bool):
-    """B @ A comes out (out, in); weights stored (in, out) (fan_in_fan_out, embeddings) take Dᵀ."""
+    """B @ A comes out (out, in); weights stored (in, out) (fan_in_fan_out, embeddings)
+    take Dᵀ."""
     return d.T if transposed else d
 
 
 def stack_factors(modules: list[tuple[LoraModule, float]], numpy: bool = False):
     """The factors of Σ wᵢ·sᵢ·BᵢAᵢ as one pair, float32, the weights folded into B:
-    A = [A₁; …; Aₖ] (Σr, in) and B = [w₁s₁B₁ … wₖsₖBₖ] (out, Σr), so the sum is B @ A exactly.
+    A = [A₁; …; Aₖ] (Σr, in) and B = [w₁s₁B₁ … wₖsₖBₖ] (out, Σr): the sum is B @ A exactly.
     torch tensors, or with ``numpy`` numpy arrays (one A is returned without a copy)."""
     if numpy:
         import numpy as np
 
         f32 = [as_numpy(m.A, np.float32) for m, _ in modules]
         a = np.concatenate(f32, axis=0) if len(f32) > 1 else np.ascontiguousarray(f32[0])
-        b = np.concatenate([as_numpy(m.B, np.float32) * np.float32(m.scale * w) for m, w in modules], axis=1)
+        b = np.concatenate([as_numpy(m.B, np.float32) * np.float32(m.scale * w)
+                            for m, w in modules], axis=1)
         return a, b
     import torch
 

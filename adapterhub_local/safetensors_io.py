@@ -50,25 +50,30 @@ class DType:
 
 
 # The one dtype table. BF16 has no numpy dtype: its arrays are upcast to float32 on read (exact).
-DTYPES: dict[str, DType] = {d.name: d for d in (
-    DType("F64", 8, "<f8", True, "float64"),
-    DType("F32", 4, "<f4", True, "float32"),
-    DType("F16", 2, "<f2", True, "float16"),
-    DType("BF16", 2, None, True, "bfloat16"),
-    DType("F8_E4M3", 1, None, True, "float8_e4m3fn"),
-    DType("F8_E5M2", 1, None, True, "float8_e5m2"),
-    DType("I64", 8, "<i8", False, "int64"),
-    DType("I32", 4, "<i4", False, "int32"),
-    DType("I16", 2, "<i2", False, "int16"),
-    DType("I8", 1, "i1", False, "int8"),
-    DType("U64", 8, "<u8", False, "uint64"),
-    DType("U32", 4, "<u4", False, "uint32"),
-    DType("U16", 2, "<u2", False, "uint16"),
-    DType("U8", 1, "u1", False, "uint8"),
-    DType("BOOL", 1, "?", False, "bool"),
-)}
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("F64", 8, "<f8", True, "float64"),
+        DType("F32", 4, "<f4", True, "float32"),
+        DType("F16", 2, "<f2", True, "float16"),
+        DType("BF16", 2, None, True, "bfloat16"),
+        DType("F8_E4M3", 1, None, True, "float8_e4m3fn"),
+        DType("F8_E5M2", 1, None, True, "float8_e5m2"),
+        DType("I64", 8, "<i8", False, "int64"),
+        DType("I32", 4, "<i4", False, "int32"),
+        DType("I16", 2, "<i2", False, "int16"),
+        DType("I8", 1, "i1", False, "int8"),
+        DType("U64", 8, "<u8", False, "uint64"),
+        DType("U32", 4, "<u4", False, "uint32"),
+        DType("U16", 2, "<u2", False, "uint16"),
+        DType("U8", 1, "u1", False, "uint8"),
+        DType("BOOL", 1, "?", False, "bool"),
+    )
+}
 ITEMSIZE = {k: d.itemsize for k, d in DTYPES.items()}
-FLOATS = frozenset(k for k, d in DTYPES.items() if d.floating and d.itemsize >= 2)  # what merges take
+FLOATS = frozenset(
+    k for k, d in DTYPES.items() if d.floating and d.itemsize >= 2
+)  # what merges take
 
 
 @dataclass
@@ -111,7 +116,9 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+def parse_header(
+    raw: bytes, data_len: int
+) -> tuple[dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
     """Validate header JSON ``raw`` for a data section of ``data_len`` bytes.
 
     Returns ({name: (dtype, shape, start, end)} with offsets relative to the data section,
@@ -121,18 +128,25 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[str, list[i
         raise HeaderError("the header is not a JSON object")
     try:
         text = raw.decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_no_duplicates,
-                            parse_constant=lambda c: _raise(f"{c} is not allowed in a header"))
+        header = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=lambda c: _raise(f"{c} is not allowed in a header"),
+        )
     except HeaderError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise HeaderError(f"the header is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        raise HeaderError(
+            f"the header is not valid JSON ({str(e).splitlines()[0][:120]})"
+        ) from None
     if not isinstance(header, dict):
         raise HeaderError("the header is not a JSON object")
     meta = header.pop("__metadata__", None)
     if meta is None:
         meta = {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         raise HeaderError("__metadata__ must map strings to strings")
     entries: dict[str, tuple[str, list[int], int, int]] = {}
     for name, info in header.items():
@@ -151,20 +165,30 @@ def _entry(name: str, info, data_len: int) -> tuple[str, list[int], int, int]:
         item = DTYPES[dtype].itemsize
     except (TypeError, KeyError, ValueError):
         _entry_error(name, info)
-    if (type(shape) is not list or len(shape) > MAX_DIMS or type(start) is not int or type(end) is not int
-            or not 0 <= start <= end or not all(type(s) is int and s >= 0 for s in shape)):
+    if (
+        type(shape) is not list
+        or len(shape) > MAX_DIMS
+        or type(start) is not int
+        or type(end) is not int
+        or not 0 <= start <= end
+        or not all(type(s) is int and s >= 0 for s in shape)
+    ):
         _entry_error(name, info)
     if end > data_len:
-        raise HeaderError(f"tensor {_show(name)}: ends at byte {end} of a {data_len}-byte data section "
-                          "(truncated?)")
+        raise HeaderError(
+            f"tensor {_show(name)}: ends at byte {end} of a {data_len}-byte data section "
+            "(truncated?)"
+        )
     need = 0 if 0 in shape else item
     for s in shape if need else ():  # stop once the product passes the file: no 2**40 shapes
         need *= s
         if need > data_len:
             break
     if need != end - start:
-        raise HeaderError(f"tensor {_show(name)}: data_offsets [{start}, {end}] hold {end - start} bytes but "
-                          f"shape {_shape(shape)} of {dtype} needs {_bytes(shape, dtype)}")
+        raise HeaderError(
+            f"tensor {_show(name)}: data_offsets [{start}, {end}] hold {end - start} bytes but "
+            f"shape {_shape(shape)} of {dtype} needs {_bytes(shape, dtype)}"
+        )
     return dtype, shape, start, end
 
 
@@ -180,7 +204,11 @@ def _entry_error(name: str, info) -> None:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         shown = _show(dtype) if isinstance(dtype, str) else type(dtype).__name__
         raise HeaderError(f"{t}: unknown dtype {shown} (known: {', '.join(sorted(DTYPES))})")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_int(s) and s >= 0 for s in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(_int(s) and s >= 0 for s in shape)
+    ):
         raise HeaderError(f"{t}: shape must be a list of at most {MAX_DIMS} non-negative integers")
     raise HeaderError(f"{t}: data_offsets must be two integers 0 <= start <= end")
 
@@ -203,14 +231,20 @@ def _check_tiling(entries: dict, data_len: int) -> None:
         if start == end:
             continue
         if start < pos:
-            raise HeaderError(f"tensor {_show(name)}: data_offsets [{start}, {end}] overlap tensor "
-                              f"{_show(prev)} (which ends at {pos})")
+            raise HeaderError(
+                f"tensor {_show(name)}: data_offsets [{start}, {end}] overlap tensor "
+                f"{_show(prev)} (which ends at {pos})"
+            )
         if start > pos:
             where = f"tensor {_show(prev)}" if prev is not None else "the start of the data"
-            raise HeaderError(f"tensor {_show(name)}: {start - pos} unaccounted bytes between {where} and it")
+            raise HeaderError(
+                f"tensor {_show(name)}: {start - pos} unaccounted bytes between {where} and it"
+            )
         pos, prev = end, name
     if pos != data_len:
-        raise HeaderError(f"{data_len - pos} bytes after the last tensor are not described by the header")
+        raise HeaderError(
+            f"{data_len - pos} bytes after the last tensor are not described by the header"
+        )
 
 
 def read_header(path, error: type = InvalidModel) -> tuple[dict[str, TensorInfo], dict]:
@@ -237,13 +271,16 @@ def read_header(path, error: type = InvalidModel) -> tuple[dict[str, TensorInfo]
     except OSError as e:
         raise error(path, f"not a readable safetensors file ({e.strerror or e})") from None
     base = 8 + n
-    tensors = {name: TensorInfo(name, dtype, shape, base + s, base + e, path.name)
-               for name, (dtype, shape, s, e) in entries.items()}
+    tensors = {
+        name: TensorInfo(name, dtype, shape, base + s, base + e, path.name)
+        for name, (dtype, shape, s, e) in entries.items()
+    }
     return tensors, meta
 
 
-def read_arrays(path, error: type = InvalidModel, float32: bool = False
-                ) -> tuple[dict[str, np.ndarray], dict, dict[str, TensorInfo]]:
+def read_arrays(
+    path, error: type = InvalidModel, float32: bool = False
+) -> tuple[dict[str, np.ndarray], dict, dict[str, TensorInfo]]:
     """Every tensor of a validated file as a numpy array; the metadata; the header's entries.
 
     Arrays with a numpy dtype are views of one copy-on-write mapping (no copy; writable, and
@@ -257,9 +294,16 @@ def read_arrays(path, error: type = InvalidModel, float32: bool = False
             size = os.fstat(fh.fileno()).st_size
             data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray()
     except (OSError, ValueError) as e:
-        raise error(path, f"not a readable safetensors file ({getattr(e, 'strerror', None) or e})") from None
-    if len(data) < max((i.end for i in infos.values()), default=0):  # it shrank since the header was read
-        raise error(path, "not a readable safetensors file, truncated or corrupt (the file changed while read)")
+        raise error(
+            path, f"not a readable safetensors file ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    if len(data) < max(
+        (i.end for i in infos.values()), default=0
+    ):  # it shrank since the header was read
+        raise error(
+            path,
+            "not a readable safetensors file, truncated or corrupt (the file changed while read)",
+        )
     out: dict[str, np.ndarray] = {}
     for name, info in infos.items():
         dt = DTYPES[info.dtype]
@@ -268,7 +312,9 @@ def read_arrays(path, error: type = InvalidModel, float32: bool = False
             bits = np.frombuffer(data, dtype="<u2", count=n, offset=info.start)
             a = (bits.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
         elif dt.numpy is None:
-            raise error(path, f"tensor {_show(name)} has dtype {info.dtype}, which has no numpy form")
+            raise error(
+                path, f"tensor {_show(name)} has dtype {info.dtype}, which has no numpy form"
+            )
         else:
             a = np.frombuffer(data, dtype=dt.numpy, count=n, offset=info.start).reshape(info.shape)
             if float32 and dt.floating and a.dtype != np.float32:
@@ -277,8 +323,9 @@ def read_arrays(path, error: type = InvalidModel, float32: bool = False
     return out, meta, infos
 
 
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None,
-                     fsync: bool = True) -> int:
+def save_safetensors(
+    tensors: dict, path: str | os.PathLike, metadata: dict | None = None, fsync: bool = True
+) -> int:
     """Serialise ``tensors`` (numpy arrays or torch tensors) to ``path`` atomically with
     safetensors' own writer; returns the byte size. All numpy arrays: written without torch
     (same bytes as torch would write). The bytes pass our reader's checks before they land."""
@@ -320,7 +367,11 @@ def encode_header(entries, metadata: dict[str, str] | None = None) -> bytes:
     header: dict = {"__metadata__": dict(metadata)} if metadata is not None else {}
     data_len = 0
     for name, dtype, shape, start, end in entries:
-        header[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [int(start), int(end)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": [int(s) for s in shape],
+            "data_offsets": [int(start), int(end)],
+        }
         data_len = max(data_len, int(end))
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)

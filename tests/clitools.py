@@ -6,7 +6,7 @@ from adapterhub_local.cli import main
 
 
 def run(args, capsys):
-    """``adapters ARGS`` through ``main`` (what the console script runs): (exit code, stdout, stderr)."""
+    """``adapters ARGS`` through ``main``, as the console script runs it: (code, stdout, stderr)."""
     try:
         main(args)
         code = 0

@@ -54,8 +54,12 @@ COMMANDS = {
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e308"])
 def test_non_finite_or_huge_alpha_is_refused(adapter, llama_dir, tmp_path, capsys, command, value):
-    d = spoiled(adapter, tmp_path, config_text(adapter, ('"lora_alpha": 8', f'"lora_alpha": {value}')))
-    one_line_error(run(COMMANDS[command](d, llama_dir, tmp_path), capsys), "adapter_config.json", "lora_alpha")
+    d = spoiled(
+        adapter, tmp_path, config_text(adapter, ('"lora_alpha": 8', f'"lora_alpha": {value}'))
+    )
+    one_line_error(
+        run(COMMANDS[command](d, llama_dir, tmp_path), capsys), "adapter_config.json", "lora_alpha"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -81,26 +85,49 @@ def test_catastrophic_rank_pattern_key_finishes_fast(adapter, llama_dir, tmp_pat
     assert pattern_key({"(a+)+$": 4}, "x." + "a" * 5000) == "(a+)+$"
 
 
-@pytest.mark.parametrize("key,words", [
-    ("(?=q)q_proj", "bounded time"),  # lookahead
-    (r"(q)\1_proj", "bounded time"),  # backreference
-    ("(?>q_proj)", "bounded time"),  # atomic group
-    ("q_proj[", "not a valid regular expression"),
-    ("q{,3}_proj", "{0,n}"),
-    ("x" * 2000, "longer than"),
-])
+@pytest.mark.parametrize(
+    "key,words",
+    [
+        ("(?=q)q_proj", "bounded time"),  # lookahead
+        (r"(q)\1_proj", "bounded time"),  # backreference
+        ("(?>q_proj)", "bounded time"),  # atomic group
+        ("q_proj[", "not a valid regular expression"),
+        ("q{,3}_proj", "{0,n}"),
+        ("x" * 2000, "longer than"),
+    ],
+)
 @pytest.mark.parametrize("command", ["inspect", "merge"])
-def test_unusable_pattern_key_is_one_line(adapter, llama_dir, tmp_path, capsys, key, words, command):
+def test_unusable_pattern_key_is_one_line(
+    adapter, llama_dir, tmp_path, capsys, key, words, command
+):
     d = edited(adapter, tmp_path, alpha_pattern={key: 4})
-    one_line_error(run(COMMANDS[command](d, llama_dir, tmp_path), capsys), "adapter_config.json",
-                   "alpha_pattern key", words)
+    one_line_error(
+        run(COMMANDS[command](d, llama_dir, tmp_path), capsys),
+        "adapter_config.json",
+        "alpha_pattern key",
+        words,
+    )
 
 
 def test_pattern_key_is_peft_rule():
-    keys = ["v_proj", r"layers\.1\.self_attn\.q_proj", "mlp\\..*_proj", "q_proj|k_proj", "layers.0.self_attn.q_proj"]
-    for module in ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.3.mlp.up_proj",
-                   "model.layers.2.self_attn.k_proj", "xv_proj", "v_proj", "model.layers.10.self_attn.q_proj",
-                   "model.layers.0.self_attn.q_proj", "v_proj\n"]:
+    keys = [
+        "v_proj",
+        r"layers\.1\.self_attn\.q_proj",
+        "mlp\\..*_proj",
+        "q_proj|k_proj",
+        "layers.0.self_attn.q_proj",
+    ]
+    for module in [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.3.mlp.up_proj",
+        "model.layers.2.self_attn.k_proj",
+        "xv_proj",
+        "v_proj",
+        "model.layers.10.self_attn.q_proj",
+        "model.layers.0.self_attn.q_proj",
+        "v_proj\n",
+    ]:
         ref = get_pattern_key(keys, module)
         ours = pattern_key(keys, module)
         assert (ours if ours is not None else module) == ref, module
@@ -115,14 +142,29 @@ BAD_CONFIGS = {
     "r_bool": ({"r": True}, "r must be an integer"),
     "r_string": ({"r": "4"}, "r must be an integer"),
     "alpha_list": ({"lora_alpha": [8]}, "lora_alpha must be a number"),
-    "rank_pattern_value": ({"rank_pattern": {"v_proj": "2"}}, "rank_pattern[\"v_proj\"] must be an integer"),
-    "rank_pattern_zero": ({"rank_pattern": {"v_proj": 0}}, "rank_pattern[\"v_proj\"] must be between 1"),
-    "alpha_pattern_huge": ({"alpha_pattern": {"v_proj": 1e300}}, "alpha_pattern[\"v_proj\"] must be a finite"),
+    "rank_pattern_value": (
+        {"rank_pattern": {"v_proj": "2"}},
+        'rank_pattern["v_proj"] must be an integer',
+    ),
+    "rank_pattern_zero": (
+        {"rank_pattern": {"v_proj": 0}},
+        'rank_pattern["v_proj"] must be between 1',
+    ),
+    "alpha_pattern_huge": (
+        {"alpha_pattern": {"v_proj": 1e300}},
+        'alpha_pattern["v_proj"] must be a finite',
+    ),
     "rank_pattern_list": ({"rank_pattern": ["v_proj", 2]}, "rank_pattern must be an object"),
     "bool_field": ({"use_rslora": "yes"}, "use_rslora must be true or false"),
     "fifo_int": ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false"),
-    "target_dict": ({"target_modules": {"q": 1}}, "target_modules must be a string, a list of strings"),
-    "target_ints": ({"target_modules": [1, 2]}, "target_modules must be a string, a list of strings"),
+    "target_dict": (
+        {"target_modules": {"q": 1}},
+        "target_modules must be a string, a list of strings",
+    ),
+    "target_ints": (
+        {"target_modules": [1, 2]},
+        "target_modules must be a string, a list of strings",
+    ),
     "mts_string": ({"modules_to_save": "lm_head"}, "modules_to_save must be a list of strings"),
     "base_obj": ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path must be a string"),
     "peft_type_list": ({"peft_type": ["LORA"]}, "peft_type must be a string"),
@@ -138,14 +180,17 @@ def test_bad_field_types_name_the_field(adapter, tmp_path, capsys, case):
     one_line_error(run(["inspect", str(d)], capsys), "adapter_config.json", words)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("[1, 2]", "expected a JSON object"),
-    ('{"r": 4, "r": 8}', "appears twice"),
-    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
-    ('{"a": ' + "[" * 20 + "]" * 20 + "}", "nests deeper"),
-    ('{"extra": {"x": NaN}}', "extra.x: NaN is not a finite number"),
-    ('{"r": 1' + "0" * 5000 + "}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        ('{"r": 4, "r": 8}', "appears twice"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+        ('{"a": ' + "[" * 20 + "]" * 20 + "}", "nests deeper"),
+        ('{"extra": {"x": NaN}}', "extra.x: NaN is not a finite number"),
+        ('{"r": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ],
+)
 def test_malformed_json_shapes(text, words, tmp_path):
     with pytest.raises(InvalidAdapter, match=words.replace("[", r"\[").replace(".", r"\.")):
         parse_config(text, tmp_path / "adapter_config.json")
@@ -158,7 +203,20 @@ def test_oversized_config_is_refused_before_parsing(adapter, tmp_path, capsys):
 
 def test_valid_configs_still_load(adapter, tmp_path):
     """PEFT's own shapes pass: integral float ranks, string target_modules, null fields."""
-    cfg = parse_config(json.dumps({"peft_type": "LORA", "r": 8.0, "lora_alpha": 16, "target_modules": "q_proj",
-                                   "task_type": None, "layers_to_transform": 1, "init_lora_weights": "gaussian",
-                                   "alpha_pattern": {"v_proj": 2.5}, "megatron_config": None}), tmp_path)
+    cfg = parse_config(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 8.0,
+                "lora_alpha": 16,
+                "target_modules": "q_proj",
+                "task_type": None,
+                "layers_to_transform": 1,
+                "init_lora_weights": "gaussian",
+                "alpha_pattern": {"v_proj": 2.5},
+                "megatron_config": None,
+            }
+        ),
+        tmp_path,
+    )
     assert cfg["r"] == 8.0

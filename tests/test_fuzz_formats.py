@@ -87,9 +87,14 @@ def test_random_header_bytes_with_a_plausible_length(scratch, body):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
     max_leaves=12,
 )
 dtypes = st.sampled_from(sorted(DTYPES))
@@ -174,11 +179,22 @@ def test_config_json_shapes(value):
                 assert np.isfinite(cfg[k])
 
 
-@given(st.fixed_dictionaries({}, optional={
-    "r": json_values, "lora_alpha": json_values, "rank_pattern": json_values, "alpha_pattern": json_values,
-    "target_modules": json_values, "use_rslora": json_values, "fan_in_fan_out": json_values,
-    "peft_type": json_values, "modules_to_save": json_values,
-}))
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "r": json_values,
+            "lora_alpha": json_values,
+            "rank_pattern": json_values,
+            "alpha_pattern": json_values,
+            "target_modules": json_values,
+            "use_rslora": json_values,
+            "fan_in_fan_out": json_values,
+            "peft_type": json_values,
+            "modules_to_save": json_values,
+        },
+    )
+)
 def test_config_fields(cfg):
     got = config_outcome(json.dumps(cfg))
     if got is not None and "r" in got:

@@ -47,17 +47,22 @@ def rewrite(path, mutate) -> None:
 
 
 def first_tensor(header: dict) -> str:
-    return min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return min(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
+    )
 
 
 def second_tensor(header: dict) -> str:
-    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    names = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
+    )
     return names[1]
 
 
 def _set(field, value, which=first_tensor):
     def mutate(h, _):
         h[which(h)][field] = value
+
     return mutate
 
 
@@ -89,7 +94,10 @@ LIES = {
     "unknown_dtype": (_set("dtype", "Q4_K"), ["unknown dtype"]),
     "missing_field": (lambda h, _: h[first_tensor(h)].pop("shape"), ["no shape"]),
     "entry_not_object": (lambda h, _: h.__setitem__(first_tensor(h), [1, 2]), ["not an object"]),
-    "metadata_not_strings": (lambda h, _: h.__setitem__("__metadata__", {"format": 1}), ["__metadata__"]),
+    "metadata_not_strings": (
+        lambda h, _: h.__setitem__("__metadata__", {"format": 1}),
+        ["__metadata__"],
+    ),
     "trailing_bytes": (lambda h, d: d + b"\0" * 8, ["after the last tensor"]),
     "truncated": (lambda h, d: d[:-3], ["truncated"]),
 }
@@ -103,8 +111,15 @@ def _tensor_named(case) -> bool:
 def shard(tmp_path):
     path = tmp_path / "model.safetensors"
     g = torch.Generator().manual_seed(0)
-    save_file({"a.weight": torch.randn(4, 3, generator=g), "b.weight": torch.randn(2, 3, generator=g),
-               "c.bias": torch.randn(3, generator=g)}, path, metadata={"format": "pt"})
+    save_file(
+        {
+            "a.weight": torch.randn(4, 3, generator=g),
+            "b.weight": torch.randn(2, 3, generator=g),
+            "c.bias": torch.randn(3, generator=g),
+        },
+        path,
+        metadata={"format": "pt"},
+    )
     return path
 
 
@@ -127,17 +142,20 @@ def test_every_lie_is_refused_naming_file_and_tensor(shard, case):
         read_arrays(shard, InvalidAdapter)
 
 
-@pytest.mark.parametrize("raw,words", [
-    (b"", "shorter than"),
-    (struct.pack("<Q", 2**63) + b"{}", "exceeds"),
-    (struct.pack("<Q", MAX_HEADER + 1) + b"{}", "exceeds"),
-    (struct.pack("<Q", 64) + b"{}", "past the end"),
-    (struct.pack("<Q", 8) + b"[1,2,3] ", "not a JSON object"),
-    (struct.pack("<Q", 8) + b'{"a":1} ', "not an object"),
-    (struct.pack("<Q", 16) + b'{"a":{},"a":{}} ', "appears twice"),
-    (struct.pack("<Q", 8) + b"{\xff\xfe}    ", "not valid JSON"),
-    (struct.pack("<Q", 4) + b"{x:1", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (b"", "shorter than"),
+        (struct.pack("<Q", 2**63) + b"{}", "exceeds"),
+        (struct.pack("<Q", MAX_HEADER + 1) + b"{}", "exceeds"),
+        (struct.pack("<Q", 64) + b"{}", "past the end"),
+        (struct.pack("<Q", 8) + b"[1,2,3] ", "not a JSON object"),
+        (struct.pack("<Q", 8) + b'{"a":1} ', "not an object"),
+        (struct.pack("<Q", 16) + b'{"a":{},"a":{}} ', "appears twice"),
+        (struct.pack("<Q", 8) + b"{\xff\xfe}    ", "not valid JSON"),
+        (struct.pack("<Q", 4) + b"{x:1", "not valid JSON"),
+    ],
+)
 def test_malformed_headers(tmp_path, raw, words):
     p = tmp_path / "x.safetensors"
     p.write_bytes(raw)
@@ -147,8 +165,10 @@ def test_malformed_headers(tmp_path, raw, words):
 
 def test_deep_nesting_and_nan_are_refused_without_a_crash(tmp_path):
     p = tmp_path / "x.safetensors"
-    for body in (b"{\"a\":" + b"[" * 100_000 + b"]" * 100_000 + b"}", b'{"a":{"dtype":"F32","shape":[NaN],'
-                                                                      b'"data_offsets":[0,0]}}'):
+    for body in (
+        b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,0]}}',
+    ):
         body += b" " * (-len(body) % 8)
         p.write_bytes(struct.pack("<Q", len(body)) + body)
         with pytest.raises(InvalidModel, match="truncated or corrupt"):
@@ -167,9 +187,13 @@ def test_empty_and_zero_sized_tensors_are_fine(tmp_path):
 def test_arrays_are_zero_copy_and_bf16_exact(tmp_path):
     p = tmp_path / "m.safetensors"
     x = torch.randn(5, 7)
-    save_file({"f": x, "b": x.bfloat16(), "h": x.half(), "i": torch.arange(6, dtype=torch.int64)}, p)
+    save_file(
+        {"f": x, "b": x.bfloat16(), "h": x.half(), "i": torch.arange(6, dtype=torch.int64)}, p
+    )
     arrays, _, infos = read_arrays(p)
-    assert np.array_equal(arrays["f"], x.numpy()) and arrays["f"].base is not None  # a view of the map
+    assert (
+        np.array_equal(arrays["f"], x.numpy()) and arrays["f"].base is not None
+    )  # a view of the map
     assert np.array_equal(arrays["b"], x.bfloat16().float().numpy())
     assert arrays["h"].dtype == np.float16 and arrays["i"].tolist() == list(range(6))
     arrays32, _, _ = read_arrays(p, float32=True)
@@ -197,8 +221,11 @@ def test_encode_header_refuses_what_the_reader_would(tmp_path):
     # a zero dimension anywhere makes zero bytes, however large the others (found by fuzzing)
     p.write_bytes(encode_header([("z", "BF16", [2**40, 0], 0, 0), ("y", "BF16", [1, 0], 0, 0)]))
     assert read_header(p)[0]["z"].shape == [2**40, 0]
-    for bad in ([("a", "F32", [2, 2], 0, 12)], [("a", "F32", [2], 0, 8), ("b", "F32", [2], 4, 12)],
-                [("a", "F77", [2], 0, 8)]):
+    for bad in (
+        [("a", "F32", [2, 2], 0, 12)],
+        [("a", "F32", [2], 0, 8), ("b", "F32", [2], 4, 12)],
+        [("a", "F77", [2], 0, 8)],
+    ):
         with pytest.raises(AssertionError, match="refusing to write"):
             encode_header(bad)
 
@@ -219,22 +246,37 @@ def test_save_safetensors_checks_what_it_writes(tmp_path, monkeypatch):
 
 # ---- the CLI: a lying base shard, a lying adapter ----
 
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, llama_dir):
     return make_peft_adapter(llama_dir, tmp_path_factory.mktemp("ad") / "ad", r=4, lora_alpha=8)
 
 
-@pytest.mark.parametrize("case", ["range_vs_shape", "overlap", "negative_offset", "negative_shape",
-                                  "huge_shape", "unknown_dtype"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "range_vs_shape",
+        "overlap",
+        "negative_offset",
+        "negative_shape",
+        "huge_shape",
+        "unknown_dtype",
+    ],
+)
 def test_lying_base_shard_fingerprint_and_merge_refuse(case, llama_dir, adapter, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(llama_dir, base)
     shard = max(p for p in base.glob("*.safetensors"))
     rewrite(shard, LIES[case][0])
-    one_line_error(run(["fingerprint", str(base), "--no-cache"], capsys), shard.name, "truncated or corrupt")
+    one_line_error(
+        run(["fingerprint", str(base), "--no-cache"], capsys), shard.name, "truncated or corrupt"
+    )
     out = tmp_path / "out"
-    one_line_error(run(["merge", str(base), str(adapter), "--out", str(out)], capsys), shard.name,
-                   "truncated or corrupt")
+    one_line_error(
+        run(["merge", str(base), str(adapter), "--out", str(out)], capsys),
+        shard.name,
+        "truncated or corrupt",
+    )
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no .partial left
 
@@ -244,16 +286,24 @@ def test_lying_adapter_is_refused_by_inspect_and_merge(case, llama_dir, adapter,
     bad = tmp_path / "bad"
     shutil.copytree(adapter, bad)
     rewrite(bad / "adapter_model.safetensors", LIES[case][0])
-    one_line_error(run(["inspect", str(bad)], capsys), "adapter_model.safetensors", "truncated or corrupt")
+    one_line_error(
+        run(["inspect", str(bad)], capsys), "adapter_model.safetensors", "truncated or corrupt"
+    )
     out = tmp_path / "out"
-    one_line_error(run(["merge", str(llama_dir), str(bad), "--out", str(out)], capsys), "adapter_model.safetensors")
+    one_line_error(
+        run(["merge", str(llama_dir), str(bad), "--out", str(out)], capsys),
+        "adapter_model.safetensors",
+    )
     assert not out.exists()
 
 
 def test_merge_output_passes_its_own_reader_and_safetensors(llama_dir, adapter, tmp_path):
     out = tmp_path / "merged"
-    res = CliRunner().invoke(cli, ["merge", str(llama_dir), str(adapter), "--out", str(out),
-                                   "--max-shard-size", "40KB"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        cli,
+        ["merge", str(llama_dir), str(adapter), "--out", str(out), "--max-shard-size", "40KB"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 1
@@ -261,8 +311,11 @@ def test_merge_output_passes_its_own_reader_and_safetensors(llama_dir, adapter, 
         infos, meta = read_header(s)
         assert meta == {"format": "pt"} and set(infos) == set(load_file(s))
     merged = tmp_path / "merged-adapter"
-    res = CliRunner().invoke(cli, ["merge", str(adapter), str(adapter), "--into-adapter", "--out", str(merged)],
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        cli,
+        ["merge", str(adapter), str(adapter), "--into-adapter", "--out", str(merged)],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     infos, _ = read_header(merged / "adapter_model.safetensors", InvalidAdapter)
     assert infos
