@@ -62,8 +62,6 @@ class Registry:
 
     # -- connection and schema -------------------------------------------------
     def _open(self) -> None:
-        from sqlite_utils import Database
-
         from .schema import KNOWN, check_ours, migrations
 
         if self.home.exists() and not self.home.is_dir():
@@ -88,8 +86,7 @@ class Registry:
             # which (blobs being fsynced first) leaves at most orphan blobs.
             self.conn.execute("PRAGMA synchronous = NORMAL")
             check_ours(self.conn, self.db_path)  # before any write: other apps' databases stay as they are
-            self.db = Database(self.conn, execute_plugins=False)
-            applied = [m.name for m in migrations.applied(self.db)]
+            applied = migrations.applied(self.conn)  # plain SQL: sqlite_utils only if a step must run
             unknown = sorted(set(applied) - set(KNOWN))
             if unknown:
                 raise RegistryError(
@@ -106,12 +103,15 @@ class Registry:
         self.blobs.root.mkdir(parents=True, exist_ok=True)
 
     def _migrate(self, migrations) -> None:
+        from sqlite_utils import Database
+
         # Several processes may open a fresh registry at once: one migrates, the rest wait.
         with open(self.home / ".migrate.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self.db.enable_wal()
-                migrations.apply(self.db)
+                db = Database(self.conn, execute_plugins=False)
+                db.enable_wal()
+                migrations.apply(db)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -7,9 +7,43 @@ so the db opens as it is in Datasette or the sqlite3 shell.
 
 from __future__ import annotations
 
-from sqlite_utils import Migrations
 
-migrations = Migrations("adapterhub-local")
+class _Steps:
+    """The numbered steps, in order, under sqlite-utils' migration set and table. Its
+    ``Migrations`` is built only when a step must run: importing sqlite_utils imports numpy
+    (about 0.1 s), which opening an up-to-date registry (`adapters list`) does not need."""
+
+    name = "adapterhub-local"
+    migrations_table = "_sqlite_migrations"  # sqlite_utils.Migrations.migrations_table
+
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def __call__(self):
+        def add(fn):
+            self.steps.append(fn)
+            return fn
+        return add
+
+    def applied(self, conn) -> list[str]:
+        """Our applied steps' names in the order applied, read as ``Migrations.applied`` reads them."""
+        t = self.migrations_table
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (t,)).fetchone():
+            return []
+        return [r[0] for r in conn.execute(f"SELECT name FROM {t} WHERE migration_set = ? ORDER BY rowid",
+                                           (self.name,))]
+
+    def apply(self, db) -> None:
+        """Run the pending steps on ``db`` (a sqlite_utils Database) with sqlite-utils itself."""
+        from sqlite_utils import Migrations
+
+        m = Migrations(self.name)
+        for fn in self.steps:
+            m()(fn)
+        m.apply(db)
+
+
+migrations = _Steps()
 
 
 def _run(db, sql: str) -> None:
@@ -175,7 +209,7 @@ def m003_hub_origins_and_claims(db) -> None:
     """)
 
 
-KNOWN = [m.name for m in migrations._migrations]
+KNOWN = [fn.__name__ for fn in migrations.steps]
 
 
 def check_ours(conn, path) -> None:

@@ -98,3 +98,29 @@ def test_the_quiet_bar_still_writes(monkeypatch, capsys):
     shown = bar(3, "x", "it")
     assert type(shown).__name__ == "tqdm" or type(shown).__module__.startswith("tqdm"), type(shown)
     shown.close()
+
+
+def test_reading_the_registry_imports_neither_sqlite_utils_nor_numpy(inputs):
+    # sqlite_utils imports numpy (~0.1 s); it is needed only when a schema step must run
+    for args in (["list", "--json"], ["show", "a"]):
+        r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=("sqlite_utils", "numpy")), *args],
+                           capture_output=True, text=True, env=inputs["env"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.rstrip().endswith("HEAVY []"), (args, r.stdout[-300:])
+
+
+def test_applied_steps_are_read_as_sqlite_utils_reads_them(tmp_path):
+    from adapterhub_local.registry import open_registry
+    from adapterhub_local.registry.schema import KNOWN, migrations
+    from sqlite_utils import Database, Migrations
+
+    reg = open_registry(tmp_path / "h")
+    reg.conn.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+                     "VALUES ('another-app', 'm001_theirs', 'x')")
+    theirs = Migrations(migrations.name)
+    for fn in migrations.steps:
+        theirs()(fn)
+    names = [m.name for m in theirs.applied(Database(reg.conn))]
+    assert names == migrations.applied(reg.conn) == KNOWN and len(KNOWN) >= 2
+    assert theirs.pending(Database(reg.conn)) == []
+    reg.close()
