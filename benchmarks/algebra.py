@@ -19,6 +19,7 @@ A reference stopped at its time limit is reported as "> N s". Prints CPU model a
 wall time and peak RSS (the child's, /usr/bin/time), and the ratios.
 
 Run: .venv/bin/python benchmarks/algebra.py [--limit S] [--skip-peft] [--skip-dense] [--mergekit PY]
+     [--dense-layers N]  (dense rows on the first N layers: minutes, not hours, on a busy machine)
 """
 
 from __future__ import annotations
@@ -128,6 +129,27 @@ def timed(cmd: list[str], limit: float, env: dict | None = None) -> tuple[float,
 cpu: list[float] = []  # CPU seconds of the last finished child
 
 
+def layer_subset(adapters: list[str], layers: int, work: Path) -> list[str]:
+    """Copies of ``adapters`` holding only the modules of the first ``layers`` layers, with
+    ``layers_to_transform`` saying so (PEFT then wraps, and merges, only those layers)."""
+    from safetensors.numpy import load_file, save_file
+
+    out = []
+    for i, a in enumerate(adapters):
+        d = work / f"subset-{i}"
+        d.mkdir()
+        keep = {k: v for k, v in load_file(f"{a}/adapter_model.safetensors").items()
+                if int(re.search(r"\.layers\.(\d+)\.", k).group(1)) < layers}
+        save_file(keep, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads(Path(a, "adapter_config.json").read_text())
+        cfg["layers_to_transform"] = list(range(layers))
+        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        if Path(a, "adapterhub.json").is_file():
+            shutil.copy(Path(a, "adapterhub.json"), d / "adapterhub.json")
+        out.append(str(d))
+    return out
+
+
 def build_tuned(base: Path, adapter: Path) -> Path:
     """base + adapter-0, merged by us (bf16): the model that extraction recovers a LoRA from."""
     tuned = base.with_name(base.name + "-tuned")
@@ -148,6 +170,8 @@ def main() -> None:
     ap.add_argument("--skip-dense", action="store_true", help="no ties / dare / magnitude_prune rows")
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--mergekit", help="python of a venv where mergekit is installed")
+    ap.add_argument("--dense-layers", type=int, metavar="N",
+                    help="dense rows (ours and PEFT) on the first N of the 22 layers only (7·N modules)")
     args = ap.parse_args()
 
     bd = bench_dir()
@@ -198,11 +222,13 @@ def main() -> None:
             if not args.skip_peft:
                 run("peft svd", [PY, str(peft_py), str(base), "{out}", "svd", "0.5", *adapters], args.limit)
         if not args.skip_dense:
+            dense_ads = layer_subset(adapters, args.dense_layers, work) if args.dense_layers else adapters
+            ours_d = [ADAPTERS, "merge", *dense_ads, "--into-adapter", "--rank", "16", "--out", "{out}", "--json"]
             for ours_m, peft_m in (("ties", "ties_svd"), ("dare_linear", "dare_linear_svd"),
                                    ("magnitude_prune", "magnitude_prune_svd")):
-                run(f"ours {ours_m}", ours + ["--method", ours_m, "--density", "0.5"], args.dense_limit)
+                run(f"ours {ours_m}", ours_d + ["--method", ours_m, "--density", "0.5"], args.dense_limit)
                 if not args.skip_peft:
-                    run(f"peft {peft_m}", [PY, str(peft_py), str(base), "{out}", peft_m, "0.5", *adapters],
+                    run(f"peft {peft_m}", [PY, str(peft_py), str(base), "{out}", peft_m, "0.5", *dense_ads],
                         args.dense_limit)
         if not args.skip_extract:
             tuned = build_tuned(base, Path(adapters[0]))
@@ -218,6 +244,9 @@ def main() -> None:
     print(f"\nCPU: {cpu_line()}")
     print(f"load average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; "
           "3 rank-16 all-linear adapters (154 modules) of a 1.1B TinyLlama-shape base")
+    if args.dense_layers and not args.skip_dense:
+        print(f"dense rows (ties, dare_linear, magnitude_prune, density 0.5): the first {args.dense_layers} "
+              f"layers only ({7 * args.dense_layers} modules)")
     print(f"{'run':34s} {'wall s':>10s} {'cpu s':>8s} {'peak RSS MB':>12s} {'rel. error':>11s} "
           f"{'energy kept':>12s}")
     for k, (w, rss, ok) in rows.items():

@@ -135,16 +135,15 @@ def _each_module(m, groups: dict, opt: Options):
     """(name, mods, result, input norms) per module, in name order. The factored methods run
     on a thread per core with ONE BLAS thread each: their matrices are small (R×R Grams, their
     eigh and SVD), and waking a BLAS thread pool costs more than they take (eigh of 48×48:
-    0.4 ms on one thread, 30 ms with two on a busy two-core machine)."""
+    0.4 ms on one thread, 30 ms with two on a busy two-core machine). The dense methods too:
+    their work is O(n) passes and thin GEMMs over one module's ΔW (dense.py), and one BLAS
+    thread keeps their randomised SVD independent of the thread count."""
 
     def one(name: str):
         g = Group.stack(name, groups[name])
         res = m.fn(g, opt)
         return name, g.mods, res, g.input_norms()
 
-    if m.dense:  # torch, its own threads, one big SVD per module
-        yield from map(one, groups)
-        return
     from concurrent.futures import ThreadPoolExecutor
 
     try:

@@ -13,15 +13,16 @@ and returns a :class:`Combined`: the new factors and the figures the report need
   and two GEMMs map the kept directions back. Float64 throughout, float32 out.
 * ``ties``, ``dare_*``, ``magnitude_prune`` get each adapter's dense
   ΔWᵢ = sᵢ·Bᵢ·Aᵢ (float32, B@A orientation) for one module at a time, combine
-  them into one dense tensor (torch), then a truncated SVD to the rank.
+  them into one dense array, then a truncated SVD to the rank (numpy kernels in
+  ``dense.py``; torch only draws DARE's seeded masks).
 
 TIES here: prune each ΔWᵢ to its top-`density` magnitudes, elect each entry's
 sign by the weighted mass Σ wᵢ·ΔWᵢ, keep the entries that agree, and divide
 by the summed |wᵢ| of the agreeing adapters (mergekit's normalisation), so
 weights are relative and an adapter of weight 0 changes nothing.
 
-No torch at import: the factored methods are numpy only (`adapters merge
---into-adapter --method svd` starts without torch); the dense ones import it.
+No torch at import: the merge methods are numpy only (`adapters merge
+--into-adapter --method svd` starts without torch); DARE imports it for its masks.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UnknownMergeMethod
-from ..lora import LoraModule, factor_grams, frob_sq, stack_factors
+from ..lora import LoraModule, as_numpy, factor_grams, frob_sq, stack_factors
+from . import dense
 from .report import rel_error
 
 if TYPE_CHECKING:
@@ -173,77 +175,16 @@ def linear(g: Group, opt: Options) -> Combined:
     return cat(g, opt) if opt.rank is None else svd(g, opt)
 
 
-# ---- dense: one module's ΔWᵢ at a time, in torch ------------------------------------------------
+# ---- dense: one module's ΔWᵢ at a time (numpy kernels in dense.py) -----------------------------
 
-def module_generator(seed: int, module: str, index: int) -> torch.Generator:
-    """A generator per (seed, module, input): masks don't depend on processing order."""
-    import torch
-
-    digest = hashlib.sha256(f"{int(seed)}\0{module}\0{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the round(density·n) largest-magnitude entries (ties broken by position), zero the rest."""
-    import torch
-
-    n = t.numel()
-    k = round(density * n)
-    if k >= n:
-        return t.clone()
-    out = torch.zeros_like(t)
-    if k <= 0:
-        return out
-    flat = t.reshape(-1)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    out.view(-1)[idx] = flat[idx]
-    return out
-
-
-def dare(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Drop each entry with probability 1-density, rescale survivors by 1/density."""
-    import torch
-
-    if density >= 1:
-        return t.clone()
-    if density <= 0:
-        return torch.zeros_like(t)
-    keep = torch.rand(t.shape, generator=generator, dtype=torch.float32) < density
-    return torch.where(keep, t / density, torch.zeros_like(t))
-
-
-def ties_combine(pruned: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Sign election by weighted mass, then the |w|-normalised sum of agreeing entries."""
-    import torch
-
-    weighted = [w * p for p, w in zip(pruned, weights)]
-    total = torch.stack(weighted).sum(0)
-    sign = torch.sign(total)
-    num = torch.zeros_like(total)
-    den = torch.zeros_like(total)
-    for wt, w in zip(weighted, weights):
-        agree = (torch.sign(wt) == sign) & (wt != 0)
-        num += torch.where(agree, wt, torch.zeros_like(wt))
-        den += agree.to(torch.float32) * abs(w)
-    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
-
-
-def _weighted_sum(tensors, weights):
-    import torch
-
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights):
-        out.add_(t, alpha=w)
-    return out
-
-
-EXACT_SVD_MAX = 1024  # above this smaller dimension (and rank ≤ a quarter of it), a seeded randomised SVD
+EXACT_SVD_MAX = dense.EXACT_SVD_MAX  # above this smaller dimension (and rank ≤ a quarter of it), randomised
 
 
 def truncated_svd(d: torch.Tensor, k_max: int, seed: int):
-    """(U, S, Vᴴ) holding at least the top ``k_max`` singular triplets of ``d``: the full SVD
-    of a small matrix; of a large one, a seeded randomised SVD (k_max + 16 directions, four
-    power iterations), whose factors are orthonormal, so ‖U·S·Vᴴ‖² = Σ S² stays true."""
+    """(U, S, Vᴴ) holding at least the top ``k_max`` singular triplets of ``d`` (torch, for
+    ``extract``): the full SVD of a small matrix; of a large one, a seeded randomised SVD
+    (k_max + 16 directions, four power iterations), whose factors are orthonormal, so
+    ‖U·S·Vᴴ‖² = Σ S² stays true."""
     import torch
 
     m = min(d.shape)
@@ -255,58 +196,102 @@ def truncated_svd(d: torch.Tensor, k_max: int, seed: int):
     return u, s, v.T
 
 
-def dense_svd(d: torch.Tensor, rank: int, seed: int = 0):
-    """Truncation of a dense tensor to ``rank``: (A', B', kept energy, total energy), float32 numpy.
-    The total is ‖d‖², whichever SVD ran."""
+def module_generator(seed: int, module: str, index: int) -> torch.Generator:
+    """A generator per (seed, module, input): masks don't depend on processing order."""
     import torch
 
-    d64 = d.to(torch.float64)
-    u, s, vh = truncated_svd(d64, rank, seed)
-    k = max(0, min(rank, int(s.numel())))
-    full = int(s.numel()) == min(d64.shape)
-    total = float((s**2).sum()) if full else float(torch.linalg.vector_norm(d64) ** 2)
-    root = s[:k].sqrt()
-    b = (u[:, :k] * root).to(torch.float32).numpy()
-    a = (root[:, None] * vh[:k]).to(torch.float32).numpy()
-    return a, b, float((s[:k] ** 2).sum()), total
+    digest = hashlib.sha256(f"{int(seed)}\0{module}\0{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _np(t):
+    return t.numpy() if hasattr(t, "numpy") else t
+
+
+def magnitude_prune(t, density: float):
+    """Keep the round(density·n) largest-magnitude entries (ties broken by position), zero the rest.
+    A torch tensor in, a torch tensor out (a numpy array: numpy)."""
+    out = dense.prune(_np(t), density)
+    return _like(t, out)
+
+
+def dare_mask(shape, density: float, generator: torch.Generator) -> np.ndarray | None:
+    """Which entries DARE keeps (probability ``density``), drawn from the seeded generator."""
+    import torch
+
+    if density <= 0 or density >= 1:
+        return None
+    return (torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density).numpy()
+
+
+def dare(t, density: float, generator: torch.Generator):
+    """Drop each entry with probability 1-density, rescale survivors by 1/density."""
+    x = _np(t)
+    return _like(t, dense.dare(x, density, dare_mask(x.shape, density, generator)))
+
+
+def ties_combine(pruned: list, weights: list[float]):
+    """Sign election by weighted mass, then the |w|-normalised sum of agreeing entries."""
+    return _like(pruned[0], dense.ties([_np(p) for p in pruned], weights))
+
+
+def _like(t, out: np.ndarray):
+    if isinstance(t, np.ndarray):
+        return out
+    import torch
+
+    return torch.from_numpy(out)
+
+
+def _delta(m: LoraModule) -> np.ndarray:
+    """s·B·A in float32, (out, in) as B @ A comes out."""
+    return as_numpy(m.B, np.float32) * np.float32(m.scale) @ as_numpy(m.A, np.float32)
 
 
 def _dense(combine: Callable) -> Callable[[Group, Options], Combined]:
-    """A dense method's ``fn``: ``combine(deltas, weights, density, generators)`` -> one dense
-    tensor, then truncated by SVD; the report compares it (and its truncation) with the exact sum."""
+    """A dense method's ``fn``: ``combine(deltas, weights, density, module, seed, indices)`` ->
+    one dense array (it consumes ``deltas``), then truncated to the rank; the report compares
+    it (and its truncation) with the exact sum B·A."""
 
     def fn(g: Group, opt: Options) -> Combined:
-        import torch
-
-        exact = torch.from_numpy(g.b).to(torch.float64) @ torch.from_numpy(g.a).to(torch.float64)
-        deltas = [m.delta(orient=False) for _, m, _ in g.mods]
-        gens = [module_generator(opt.seed, g.name, i) for i, _, _ in g.mods]
-        dense = combine(deltas, [w for _, _, w in g.mods], opt.density, gens)
-        a, b, kept, energy = dense_svd(dense, opt.rank, opt.seed)
-        approx = torch.from_numpy(b).to(torch.float64) @ torch.from_numpy(a).to(torch.float64)
-        exact_sq = float((exact**2).sum())
-        method_err = rel_error(exact_sq, float(((exact - dense.to(torch.float64)) ** 2).sum()))
-        return Combined(a, b, exact_sq, float(((exact - approx) ** 2).sum()), kept, energy, via="svd",
-                        extra={"method_error": method_err})
+        deltas = [_delta(m) for _, m, _ in g.mods]
+        d = combine(deltas, [w for _, _, w in g.mods], opt.density, g.name, opt.seed, [i for i, _, _ in g.mods])
+        a, b, kept, total = dense.truncate(d, opt.rank, opt.seed, g.name)
+        exact_sq, err_sq, method_sq, dense_sq = dense.figures(g.a, g.b, d, a, b)
+        energy = total if total is not None else dense_sq
+        return Combined(a, b, exact_sq, err_sq, kept, energy, via="svd",
+                        extra={"method_error": rel_error(exact_sq, method_sq)})
 
     fn.__name__ = combine.__name__.lstrip("_")
     return fn
 
 
-def _ties(deltas, weights, density, gens):
-    return ties_combine([magnitude_prune(d, density) for d in deltas], weights)
+def _drain(items: list):
+    """Yield and drop the items of ``items`` one by one (one module's dense deltas are 46 MB
+    each on a 1B model: each goes as soon as what replaces it exists)."""
+    while items:
+        yield items.pop(0)
 
 
-def _dare_ties(deltas, weights, density, gens):
-    return ties_combine([dare(d, density, g) for d, g in zip(deltas, gens)], weights)
+def _dared(deltas, density, module, seed, indices):
+    return [dense.dare(d, density, dare_mask(d.shape, density, module_generator(seed, module, i)))
+            for d, i in zip(_drain(deltas), indices)]
 
 
-def _dare_linear(deltas, weights, density, gens):
-    return _weighted_sum([dare(d, density, g) for d, g in zip(deltas, gens)], weights)
+def _ties(deltas, weights, density, module, seed, indices):
+    return dense.ties([dense.prune(d, density) for d in _drain(deltas)], weights, own=True)
 
 
-def _magnitude_prune(deltas, weights, density, gens):
-    return _weighted_sum([magnitude_prune(d, density) for d in deltas], weights)
+def _dare_ties(deltas, weights, density, module, seed, indices):
+    return dense.ties(_dared(deltas, density, module, seed, indices), weights, own=True)
+
+
+def _dare_linear(deltas, weights, density, module, seed, indices):
+    return dense.weighted_sum(_dared(deltas, density, module, seed, indices), weights)
+
+
+def _magnitude_prune(deltas, weights, density, module, seed, indices):
+    return dense.weighted_sum([dense.prune(d, density) for d in _drain(deltas)], weights)
 
 
 register(Method("cat", False, (), cat,
