@@ -114,6 +114,8 @@ def main() -> None:
     reg_big, reg_big_cpu = wall(
         lambda i: [ADAPTERS, "--registry", str(tmp / f"big{i}"), "register", str(big), "--name", "big"],
         env, big_runs)
+    cp, _ = wall(lambda i: ["cp", "-r", str(big), str(tmp / f"cp{i}")], env, big_runs)
+    cp_sync, _ = wall(lambda i: ["sh", "-c", f"cp -r '{big}' '{tmp}/cps{i}' && sync '{tmp}/cps{i}'/*"], env, big_runs)
     hashing = []
     for _ in range(big_runs):
         t = time.perf_counter()
@@ -141,6 +143,8 @@ def main() -> None:
     line(f"register ({big_mb:.0f} MB)", reg_big, reg_big_cpu)
     med_hash = med(hashing)
     print(f"{'  sha256 of its files':32} {med_hash:8.3f} {min(hashing):7.3f}   (in this process, same files)")
+    print(f"{'  cp -r of its folder':32} {med(cp):8.3f} {min(cp):7.3f}   (disk floor)")
+    print(f"{'  cp -r + sync':32} {med(cp_sync):8.3f} {min(cp_sync):7.3f}   (durable floor: register fsyncs its blobs)")
     print(f"\nregister ({big_mb:.0f} MB) - hashing: {med(reg_big) - med_hash:.3f} s wall, "
           f"{med(reg_big_cpu) - med_hash:.3f} s cpu (goal <= {LIMIT})")
     worst = max((med(ts), med(cs), name) for name, (ts, cs) in rows[3:])
