@@ -22,7 +22,10 @@ the per-expert layout (transformers/conversion_mapping.py: ``mlp.experts.N.gate_
 ``block_sparse_moe.experts.N.w1``/``w3``/``w2``). For such a base every expert's delta is an
 ordinary LoRA delta on ``experts.N.<part>.weight`` (rows [o0, o1) of the fused slice), so
 the streamed merge takes them as plain modules. A base that stores the fused 3-D tensor
-itself is refused for now.
+itself gets one module per expert on slice [e] of that tensor (``LoraModule.expert``;
+merge/stream.py adds each to its row of the (E, d1·d2) view); with ``is_transposed`` the slice
+is (in, out), i.e. the delta transposed as for fan_in_fan_out. Which orientation the base
+uses is read from the factors' shapes against the tensor (a square tensor takes its siblings').
 """
 
 from __future__ import annotations
@@ -101,6 +104,29 @@ def _per_expert_layout(param: str, infos) -> tuple[int, list[tuple[str, int, int
     return None
 
 
+def _layouts(names: list[str], infos) -> tuple[dict, dict[str, str]]:
+    """{(param, orientation): (num_experts, [(module.part or fused key, row0, row1)], in_features)}
+    and {param: fused key} for the params the base stores as one 3-D tensor. Orientation of a
+    fused (E, d1, d2) tensor: False (E, out, in), True (E, in, out) (``is_transposed``), None
+    when d1 == d2 and the shapes cannot tell; per-expert layouts are always False."""
+    layouts: dict[tuple[str, bool | None], tuple] = {}
+    fused: dict[str, str] = {}
+    for p in names:
+        keys = [f for f in [p] + [p.replace(a, b) for a, b in MODULE_RENAMES if a in p]
+                if f in infos and len(infos[f].shape) == 3]
+        if keys:
+            fused[p] = keys[0]
+            num, d1, d2 = (int(x) for x in infos[keys[0]].shape)
+            for flip in ((None,) if d1 == d2 else (False, True)):
+                o, i = (d2, d1) if flip else (d1, d2)
+                layouts[(p, flip)] = (num, [(keys[0], 0, o)], i)
+            continue
+        lay = _per_expert_layout(p, infos)
+        if lay is not None:
+            layouts[(p, False)] = lay
+    return layouts, fused
+
+
 def expert_modules(where, cfg: dict, groups: list[ExpertFactors], infos) -> list[LoraModule]:
     """The per-expert LoRA modules of ``groups`` on a base with tensor ``infos``."""
     if not groups:
@@ -112,38 +138,39 @@ def expert_modules(where, cfg: dict, groups: list[ExpertFactors], infos) -> list
         by_module.setdefault(g.module, []).append(g)
     for module, gs in sorted(by_module.items()):
         names = candidates(module, cfg)
-        layouts = {}
-        for p in names:
-            fused = [f for f in [p] + [p.replace(a, b) for a, b in MODULE_RENAMES if a in p] if f in infos]
-            if fused:
-                raise UnsupportedAdapter(where, f"{fused[0]}: the base stores the fused expert tensor "
-                                         f"({list(infos[fused[0]].shape)}); merging expert LoRA into a fused "
-                                         "checkpoint is not supported yet",
-                                         "merge it with PEFT itself (merge_and_unload)")
-            lay = _per_expert_layout(p, infos)
-            if lay is not None:
-                layouts[p] = lay
-        taken: set[str] = set()
+        layouts, fused = _layouts(names, infos)
+        taken: dict[str, tuple] = {}
         for g in sorted(gs, key=lambda g: g.depth):
             fits = []
-            for p, (num, rows, inn) in layouts.items():
+            for (p, flip), (num, rows, inn) in layouts.items():
                 r, alpha = module_rank_alpha(cfg, p)
                 if (tuple(g.A.shape) == (num * r, inn) and tuple(g.B.shape) == (rows[-1][2], num * r)
                         and p not in taken):
-                    fits.append((p, num, rows, r, alpha))
+                    fits.append((p, flip, num, rows, r, alpha))
             if len(fits) != 1:
                 what = "no" if not fits else "more than one"
                 raise UnsupportedAdapter(
                     where, f"expert LoRA {g.key} (lora_A {list(g.A.shape)}, lora_B {list(g.B.shape)}) fits {what} "
                     f"target parameter of the base ({', '.join(names) or 'target_parameters names none'})",
-                    "is this the base it was trained on? (per-expert layouts known: "
-                    "gate_proj/up_proj/down_proj, w1/w3/w2)")
-            p, num, rows, r, alpha = fits[0]
-            taken.add(p)
+                    "is this the base it was trained on? (layouts known: fused experts.gate_up_proj/down_proj, "
+                    "per expert gate_proj/up_proj/down_proj, w1/w3/w2)")
+            taken[fits[0][0]] = (g, *fits[0][1:])
+        # one experts class, one orientation: a square fused tensor takes its siblings' orientation
+        flips = {v[1] for p, v in taken.items() if p in fused and v[1] is not None}
+        if len(flips) > 1 or (not flips and any(v[1] is None for v in taken.values())):
+            raise UnsupportedAdapter(where, f"{module}: cannot tell whether the fused expert tensors are stored "
+                                     "(E, out, in) or (E, in, out) from their shapes",
+                                     "merge it with PEFT itself (merge_and_unload)")
+        flip = flips.pop() if flips else False
+        for p, (g, _, num, rows, r, alpha) in sorted(taken.items()):
             s = scaling(r, alpha, use_rslora)
             for e in range(num):
                 a = g.A[e * r : (e + 1) * r]
                 b = g.B[:, e::num]
+                if p in fused:  # slice [e] of the fused tensor: (out, in), or (in, out) when transposed
+                    out.append(LoraModule(name=p, A=a, B=b, scale=s, r=r, alpha=alpha, fan_in_fan_out=flip,
+                                          param=fused[p], expert=e))
+                    continue
                 for name, r0, r1 in rows:
                     out.append(LoraModule(name=name.format(e=e), A=a, B=b[r0:r1], scale=s, r=r, alpha=alpha))
     return out

@@ -163,6 +163,10 @@ class LoraModule:
     alpha: float | None = None
     # DoRA (use_dora): lora_magnitude_vector, one value per output feature (out,); embedding: (dim,)
     magnitude: torch.Tensor | None = None
+    # MoE expert LoRA on a fused 3-D base tensor (experts.py): ``param`` is that tensor's key and
+    # ΔW (in the orientation above) is its slice [expert]
+    param: str | None = None
+    expert: int | None = None
 
     @property
     def is_dora(self) -> bool:
@@ -178,7 +182,7 @@ class LoraModule:
 
     @property
     def weight_key(self) -> str:
-        return f"{self.name}.weight"
+        return self.param or f"{self.name}.weight"
 
     @property
     def bias_key(self) -> str:

@@ -113,8 +113,9 @@ FIELDS: dict[str, Field] = {
     "lora_bias": Field(SUPPORTED, "lora_B.bias added to the base bias"),
     "target_parameters": Field(
         SUPPORTED, "LoRA on MoE expert parameters (PEFT's ParamWrapper): merged into a base stored per "
-        "expert (experts.N.gate_proj/up_proj/down_proj, w1/w3/w2) and combined exactly by cat (stack, "
-        "--into-adapter --method cat); a fused-expert checkpoint and the other methods are refused by name"),
+        "expert (experts.N.gate_proj/up_proj/down_proj, w1/w3/w2) or into a base that stores the fused 3-D "
+        "tensor ((E, out, in), or (E, in, out) with is_transposed as GPT-OSS), and combined exactly by cat "
+        "(stack, --into-adapter --method cat); the other methods are refused by name"),
     "use_bdlora": Field(REFUSED, "BD-LoRA uses block-diagonal factors (variants.py BdLoraLinearVariant)"),
     "arrow_config": Field(REFUSED, "Arrow routes each token among several LoRA experts: no single merged weight"),
     "kasa_config": Field(

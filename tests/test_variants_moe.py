@@ -30,6 +30,15 @@ def make_moe(out: Path, kind: str) -> Path:
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                              num_experts_per_tok=2, head_dim=8, max_position_embeddings=64)
         model = Qwen3MoeForCausalLM(cfg)
+    elif kind.startswith("gpt_oss"):  # fused experts on disk, stored (E, in, out) (is_transposed)
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        inter = 32 if kind == "gpt_oss_square" else 24  # square: down_proj (E, 32, 32)
+        cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=inter, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           head_dim=8, max_position_embeddings=64, layer_types=["full_attention"] * 2,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        model = GptOssForCausalLM(cfg)
     else:
         from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -173,23 +182,67 @@ def test_cat_of_expert_adapters_is_exact_and_peft_loads_it(moe, tmp_path):
     torch.testing.assert_close(merged, want_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_a_fused_expert_checkpoint_is_refused_by_name(tmp_path, capsys):
+def write_fused(base: Path, out: Path) -> Path:
+    """``base`` re-saved with the in-memory (fused 3-D) expert tensors, as our own writer would."""
     import shutil
 
     from safetensors.torch import save_file
 
-    base = make_moe(tmp_path / "q", "qwen3_moe")
-    ad = make_expert_adapter(base, tmp_path / "a", target_parameters=TP)
-    fused = tmp_path / "fused"
-    shutil.copytree(base, fused)
-    state = {k: v.contiguous() for k, v in load_model(base).state_dict().items()}  # in-memory: fused experts
-    assert "model.layers.0.mlp.experts.gate_up_proj" in state
-    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(base, out)
+    state = {k: v.contiguous() for k, v in load_model(base).state_dict().items()}
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "gpt_oss", "gpt_oss_square"])
+def fused_moe(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    base = make_moe(root / request.param, request.param)
+    if not request.param.startswith("gpt_oss"):
+        base = write_fused(base, root / "fused")
+    return request.param, base
+
+
+@pytest.mark.parametrize("kw", [
+    {"target_parameters": TP},
+    {"target_parameters": TP, "rank_pattern": {"mlp.experts.down_proj": 3}, "use_rslora": True},
+], ids=["both", "rank_pattern_rslora"])
+def test_expert_lora_merges_into_a_fused_expert_checkpoint_like_peft(fused_moe, tmp_path, kw):
+    from safetensors import safe_open
+
+    kind, base = fused_moe
+    with safe_open(base / "model.safetensors", "pt") as f:  # the base really stores the fused tensors
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert len(shapes["model.layers.0.mlp.experts.gate_up_proj"]) == 3
+    assert not any(".experts.0." in k for k in shapes)
+    ad = make_expert_adapter(base, tmp_path / "a", **kw)
+    want, want_logits, peft_logits = peft_merged(base, [ad])
+    assert run(["merge", base, ad, "--out", tmp_path / "m"]) == 0
+    got = {k: v for f in sorted((tmp_path / "m").glob("*.safetensors")) for k, v in load_file(f).items()}
+    orig = load_file(base / "model.safetensors")
+    for p in TP:
+        k = f"model.layers.1.{p}"
+        assert got[k].shape == orig[k].shape and not torch.equal(got[k], orig[k]), k
+    assert set(got) == set(want)
+    for k, w in want.items():  # every tensor, the fused experts included, as PEFT merges them
+        err = (got[k].float() - w.float()).norm()
+        assert err <= 1e-5 * w.float().norm(), (k, err)
+    with torch.no_grad():
+        lg = load_model(tmp_path / "m")(input_ids()).logits
+    torch.testing.assert_close(lg, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lg, peft_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_square_fused_expert_tensor_alone_is_refused_by_name(tmp_path, capsys):
+    # GPT-OSS with intermediate == hidden: down_proj (E, 32, 32) cannot tell (E, out, in) from
+    # (E, in, out); with gate_up_proj beside it (test above) it takes its orientation, alone it is refused
+    base = make_moe(tmp_path / "g", "gpt_oss_square")
+    ad = make_expert_adapter(base, tmp_path / "a", target_parameters=["mlp.experts.down_proj"])
     capsys.readouterr()
-    assert run(["merge", fused, ad, "--out", tmp_path / "m"]) == 1
+    assert run(["merge", base, ad, "--out", tmp_path / "m"]) == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(err) == 1 and "fused expert tensor" in err[0]
-    assert "experts.gate_up_proj" in err[0] or "experts.down_proj" in err[0]
+    assert len(err) == 1 and "cannot tell" in err[0] and "mlp.experts" in err[0], err
     assert not (tmp_path / "m").exists()
 
 

@@ -81,7 +81,12 @@ def plan_edits(inputs: list[MergeInput], infos, tied_embed: str | None, report: 
             if key not in available:
                 raise InvalidAdapter(where, f"module {m.name} targets {key}, which the base model does not have",
                                      "this adapter was trained for a different architecture")
-            if list(m.delta_shape) != shape_of(key):
+            if m.expert is not None:  # one expert's slice of a fused (E, d1, d2) tensor
+                if len(shape_of(key)) != 3 or not 0 <= m.expert < shape_of(key)[0] \
+                        or list(m.delta_shape) != shape_of(key)[1:]:
+                    raise ShapeMismatch(f"{m.name} (expert {m.expert})", shape_of(key), m.delta_shape,
+                                        where=inp.ref)
+            elif list(m.delta_shape) != shape_of(key):
                 raise ShapeMismatch(m.name, shape_of(key), m.delta_shape, where=inp.ref)
             if dtype_of(key) not in FLOAT_ST:
                 raise InvalidAdapter(where, f"{key} has dtype {dtype_of(key)}; only floating-point weights "

@@ -12,7 +12,8 @@ A touched tensor goes row block by row block (BLOCK_ELEMS elements):
 * the result goes to the writer thread, which writes 256 KiB pieces and starts the
   kernel's writeback as it goes, so I/O overlaps the arithmetic.
 
-Rare cases (bias deltas, a cast alone) use numpy for the delta and ``cast.add_cast``.
+Rare cases (bias deltas, a cast alone, MoE expert slices of a fused 3-D tensor) use numpy
+for the delta and ``cast.add_cast``.
 Hashing (when the base's fingerprint is not cached) runs on hashing threads over the
 same mapped views. A mapped range is dropped from our address space once the hash and
 the write that read it are done, so memory stays at a few blocks whatever the model.
@@ -456,12 +457,24 @@ def prepare(e: Edit | None):
     e = e or Edit()
     if has_dora(e.deltas):  # DoRA: merge/dora.py builds its own operands, adapter by adapter
         return [], None
+    if any(m.expert is not None for m, _ in e.deltas):  # slices of a fused expert tensor
+        return [_expert_factors(m, w) for m, w in e.deltas], None
     kinds = {m.transposed for m, _ in e.deltas}
     if len(kinds) == 1 and not e.bias:  # the fused kernel's case: build its operands directly
         left, packed, rank = _stacked_packed(e.deltas, kinds.pop())
         return [(left, None, rank)], packed
     # bias deltas, or adapters of both orientations on one tensor: numpy products, no packing
     return [f for f in (_factors(e.deltas, False), _factors(e.deltas, True)) if f is not None], None
+
+
+def _expert_factors(m: LoraModule, w: float):
+    """(left, right, expert): slice [expert] of a fused (E, d1, d2) tensor gets left @ right,
+    (d1, d2) in the tensor's orientation. Its rows of the (E, d1·d2) view are the experts, so a
+    row block holds whole experts and each product lands on one row of it."""
+    if m.expert is None:  # plan: a fused tensor's key never ends in ".weight"
+        raise AdapterHubError(f"{m.name}: a plain LoRA module and expert slices on one tensor")
+    lf, rt, _ = _factors([(m, w)], m.transposed)
+    return lf, rt, ("expert", m.expert)
 
 
 def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher | None, fh,
@@ -481,7 +494,9 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
     if bias is not None:
         bias = bias.reshape(rows, row)
     # the usual case: one product (all adapters stacked), fused with the add and the cast in C
-    fused = len(products) == 1 and bias is None
+    experts = [p for p in products if isinstance(p[2], tuple)]
+    products = [p for p in products if not isinstance(p[2], tuple)]
+    fused = len(products) == 1 and bias is None and not experts
     if fused:
         left, _, rank = products[0]
     pool = pipe.compute if fused and rank > LOWRANK_SPLIT else None
@@ -534,11 +549,14 @@ def compute_tensor(t: OutTensor, e: Edit | None, reader: Reader, hasher: Hasher 
             bad = dora.write(src, src_kind, r0, r1, out, out_kind)
         else:
             d = None
-            if products or bias is not None:
+            if products or experts or bias is not None:
                 d = pipe.delta[:n].reshape(r1 - r0, row)
                 d[:] = 0
                 for lf, rt, _ in products:
                     d += lf[r0:r1] @ rt
+                for lf, rt, (_, x) in experts:
+                    if r0 <= x < r1:
+                        d[x - r0] += (lf @ rt).reshape(-1)
                 if bias is not None:
                     d += bias[r0:r1]
             bad = add_cast(src, src_kind, d, out, out_kind)
