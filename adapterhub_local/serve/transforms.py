@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import AdapterHubError
@@ -79,9 +80,8 @@ def _initial_from_base(base_dir: Path, init: str, mods: dict[str, Mod]) -> dict[
     """A₀, B₀ recomputed from the original base weights: PiSSA (full SVD) and OLoRA (QR), the
     way PEFT computes them (peft/tuners/lora/layer.py pissa_init, olora_init). Only the product
     B₀·A₀ matters, and it does not depend on the sign choices of the decomposition."""
-    from safetensors import safe_open
-
     from ..fingerprint import model_files
+    from ..safetensors_io import read_arrays, read_header
 
     kind = init.lower()
     if kind != "pissa" and kind != "olora":
@@ -91,17 +91,18 @@ def _initial_from_base(base_dir: Path, init: str, mods: dict[str, Mod]) -> dict[
                               "give --base the initial adapter PEFT saved at init "
                               "(path_initial_model_for_weight_conversion)")
     where: dict[str, Path] = {}
-    for f in model_files(base_dir):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                where[k] = f
+    for f in model_files(base_dir):  # the one reader: every header validated before use
+        for k in read_header(f)[0]:
+            where[k] = f
     out = {}
+    mapped: dict[Path, dict] = {}
     for name, m in mods.items():
         key = f"{name}.weight"
         if key not in where:
             raise AdapterHubError(f"{base_dir}: no weight {key}", "give the base the adapter was initialised on")
-        with safe_open(str(where[key]), framework="pt") as fh:
-            w = fh.get_tensor(key).to(torch.float32)
+        if where[key] not in mapped:  # one copy-on-write mapping per shard, no copy until used
+            mapped[where[key]] = read_arrays(where[key], float32=True)[0]
+        w = torch.from_numpy(np.array(mapped[where[key]][key], dtype=np.float32))
         if kind == "pissa":
             w = w.T if m.fan_in_fan_out else w
             v, s, uh = torch.linalg.svd(w, full_matrices=False)
