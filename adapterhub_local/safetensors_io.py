@@ -30,11 +30,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import InvalidModel
 from .fsutil import atomic_write_bytes, open_input
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 MAX_DIMS = 64
@@ -287,6 +289,8 @@ def read_arrays(
     writes stay private). BF16 is upcast to float32 (exact); with ``float32`` every floating
     tensor is. F8 tensors have no numpy form and are refused.
     """
+    import numpy as np  # here, not at the top: header-only readers (check, fingerprint) skip it
+
     infos, meta = read_header(path, error)
     path = Path(path)
     try:

@@ -124,3 +124,14 @@ def test_applied_steps_are_read_as_sqlite_utils_reads_them(tmp_path):
     assert names == migrations.applied(reg.conn) == KNOWN and len(KNOWN) >= 2
     assert theirs.pending(Database(reg.conn)) == []
     reg.close()
+
+
+@pytest.mark.parametrize("verb", ["check", "fingerprint"])
+def test_header_only_verbs_import_no_numpy(verb, inputs, tmp_path):
+    """check and fingerprint read safetensors headers only: numpy (~0.15 s) is not imported."""
+    template, expect = VERBS[verb]
+    args = [a.format(base=inputs["base"], adapter=inputs["adapter"], tmp=tmp_path) for a in template]
+    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=(*HEAVY, "numpy")), *args],
+                       capture_output=True, text=True, env=inputs["env"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.rstrip().endswith("HEAVY []"), r.stdout[-500:]
