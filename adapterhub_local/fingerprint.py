@@ -63,9 +63,11 @@ def model_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise InvalidModel(index, f"bad index file ({e})") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidModel(index, f"bad index file ({type(e).__name__})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InvalidModel(index, "bad index file (weight_map must map tensor names to file names)")
         bad = [f for f in weight_map.values() if not _plain_name(f)]
         if bad:
             raise InvalidModel(index, f"shard name {bad[0]!r} is not a file name inside the folder")
@@ -219,11 +221,18 @@ def store_fingerprint(model_dir: str | Path, fp: Fingerprint) -> None:
 
 def _model_info(model_dir: Path) -> tuple[str | None, str | None, str | None]:
     try:
-        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, None, None
-    archs = cfg.get("architectures") or [None]
-    return archs[0], cfg.get("model_type"), cfg.get("_name_or_path") or None
+    if not isinstance(cfg, dict):  # a config from elsewhere: only well-typed strings are kept
+        return None, None, None
+
+    def text(v):
+        return v if isinstance(v, str) and 0 < len(v) <= 1000 else None
+
+    archs = cfg.get("architectures")
+    arch = text(archs[0]) if isinstance(archs, list) and archs else None
+    return arch, text(cfg.get("model_type")), text(cfg.get("_name_or_path"))
 
 
 def fingerprint_model(model_dir: str | Path, use_cache: bool = True, file_hashes: bool = True,

@@ -100,3 +100,37 @@ def test_bf16_sharded_model_with_index(tmp_path):
     assert fp.num_tensors == len(index["weight_map"])
     assert fp.dtype == "BF16"
     assert set(fp.files) == set(index["weight_map"].values())
+
+
+
+@pytest.mark.parametrize("index, config", [
+    ('{"weight_map": ["model.safetensors"]}', None),
+    ('{"weight_map": {"w": 7}}', None),
+    ('[1, 2]', None),
+    (None, '[1, 2]'),
+    (None, '{"architectures": "Llama", "model_type": {"x": 1}, "_name_or_path": 5}'),
+])
+def test_hostile_index_and_config_are_one_line_or_ignored(tmp_path, index, config):
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from adapterhub_local.safetensors_io import save_safetensors
+
+    d = tmp_path / "m"
+    d.mkdir()
+    save_safetensors({"w": np.ones((2, 2), np.float32)}, d / "model.safetensors")
+    if index is not None:
+        (d / "model.safetensors.index.json").write_text(index)
+    if config is not None:
+        (d / "config.json").write_text(config)
+    exe = str(Path(sys.executable).parent / "adapters")
+    r = subprocess.run([exe, "--registry", str(tmp_path / "h"), "fingerprint", str(d), "--json"],
+                       capture_output=True, text=True)
+    assert "Traceback" not in r.stderr, r.stderr
+    if index is not None:
+        assert r.returncode == 1 and r.stderr.strip().startswith("error:") and "index" in r.stderr
+    else:
+        fp = json.loads(r.stdout)
+        assert r.returncode == 0 and fp["architecture"] is None and fp["model_type"] is None
