@@ -445,3 +445,17 @@ def test_float16_overflow_is_refused(llama, adapter, tmp_path, capsys):
     assert e.value.code == 1
     assert "overflows float16" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("verb", ["merge", "extract"])
+def test_a_config_json_that_is_not_an_object_is_one_line(llama, adapter, tmp_path, capsys, verb):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama, bad)
+    (bad / "config.json").write_text("[1, 2]")
+    args = ([str(bad), str(adapter)] if verb == "merge" else [str(bad), str(llama), "--rank", "2"])
+    with pytest.raises(SystemExit) as e:
+        main([verb, *args, "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "config.json" in err and "JSON object" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

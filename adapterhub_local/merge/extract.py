@@ -11,7 +11,6 @@ not silently dropped.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..safetensors_io import ITEMSIZE, numel
 from .cast import to_f32
 from .io import FLOAT_ST, Reader, scan_model
 from .methods import truncated_svd
+from .plan import load_config
 from .report import MergeReport, rel_error, stderr_notify
 
 EMBED_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings",
@@ -103,11 +103,8 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
     report = MergeReport(operation="extract", method="svd", output=str(out))
     _, binfo = scan_model(base_dir)
     _, tinfo = scan_model(tuned_dir)
-    try:
-        config = json.loads((base_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    fifo_model = config.get("model_type") in CONV1D_MODEL_TYPES
+    config = load_config(base_dir)  # the merge's one config.json reader
+    fifo_model = isinstance(config.get("model_type"), str) and config["model_type"] in CONV1D_MODEL_TYPES
 
     base_fp = fingerprint_model(base_dir, file_hashes=False).fingerprint
     tuned_fp = fingerprint_model(tuned_dir, file_hashes=False).fingerprint
@@ -190,7 +187,7 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
     cfg = lora_config(r=r, lora_alpha=r, rank_pattern=pattern,
                       alpha_pattern={k: float(v) for k, v in pattern.items()},
                       target_modules=sorted(modules), fan_in_fan_out=fifo_model,
-                      base_model_name_or_path=config.get("_name_or_path") or str(base_dir.resolve()))
+                      base_model_name_or_path=_name_or_path(config) or str(base_dir.resolve()))
     adapter = LoraAdapter(config=cfg, modules=modules)
     params = {"rank": rank, "energy": energy, "seed": seed}
     recipe = extract_recipe(base_dir, tuned_dir, base_fingerprint=base_fp, tuned_fingerprint=tuned_fp,
@@ -214,3 +211,9 @@ def extract_lora(base_dir, tuned_dir, out, rank: int | None = None, energy: floa
     report.recipe = recipe
     report.fingerprint = {"base": base_fp, "tuned": tuned_fp}
     return report.finish()
+
+
+def _name_or_path(config: dict) -> str | None:
+    name = config.get("_name_or_path")
+    return name if isinstance(name, str) and 0 < len(name) <= 1000 else None
+

@@ -37,12 +37,15 @@ def load_config(base_dir: Path) -> dict:
     path = base_dir / "config.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        from ..errors import InvalidModel
+    from ..errors import InvalidModel
 
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
         raise InvalidModel(path, "not valid JSON") from None
+    if not isinstance(config, dict):
+        raise InvalidModel(path, "expected a JSON object")
+    return config
 
 
 def embedding_key(infos, config: dict) -> str | None:
