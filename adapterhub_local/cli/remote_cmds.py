@@ -135,7 +135,7 @@ def sync(ctx, org, weights, token, as_json):
       adapters sync my-team
       adapters sync my-team --weights
     """
-    from ..hub.listing import sync as do_sync
+    from ..hub.sync import sync as do_sync
 
     _quiet_hf()
     res = do_sync(org, weights=weights, token=token, registry_home=ctx.obj.registry_home)

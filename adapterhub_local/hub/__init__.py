@@ -44,7 +44,7 @@ def remote_list(*args, **kwargs):
 
 
 def sync(*args, **kwargs):
-    from .listing import sync as _sync
+    from .sync import sync as _sync
 
     return _sync(*args, **kwargs)
 
