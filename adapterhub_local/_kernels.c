@@ -544,6 +544,70 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(first_nonfinite_doc,
+"first_nonfinite(buf, width, mask) -> int\n\n"
+"Index of the first element of buf, read as little-endian unsigned integers of width 1, 2, 4\n"
+"or 8 bytes, whose bits b have (b & mask) == mask, or -1 when none has. With mask = a float\n"
+"format's exponent bits that is the first inf or NaN (safetensors_io.DTYPES holds the masks;\n"
+"its numpy fallback gives the same answers). Trailing bytes short of a whole element are\n"
+"ignored. Scans blocks of 4096 elements without branching, so the loops vectorize.");
+
+#define SCAN_BLOCK 4096
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define LE16(x) __builtin_bswap16(x)
+#define LE32(x) __builtin_bswap32(x)
+#define LE64(x) __builtin_bswap64(x)
+#else
+#define LE16(x) (x)
+#define LE32(x) (x)
+#define LE64(x) (x)
+#endif
+
+#define SCAN(T, SWAP)                                                        \
+    {                                                                        \
+        const T m = (T)mask;                                                 \
+        for (Py_ssize_t lo = 0; lo < n && found < 0; lo += SCAN_BLOCK) {     \
+            Py_ssize_t hi = lo + SCAN_BLOCK < n ? lo + SCAN_BLOCK : n;       \
+            int any = 0;                                                     \
+            for (Py_ssize_t i = lo; i < hi; i++) {                           \
+                T v;                                                         \
+                memcpy(&v, p + i * (Py_ssize_t)sizeof(T), sizeof(T));        \
+                any |= (SWAP(v) & m) == m;                                   \
+            }                                                                \
+            if (any) {                                                       \
+                for (Py_ssize_t i = lo; i < hi; i++) {                       \
+                    T v;                                                     \
+                    memcpy(&v, p + i * (Py_ssize_t)sizeof(T), sizeof(T));    \
+                    if ((SWAP(v) & m) == m) { found = i; break; }            \
+                }                                                            \
+            }                                                                \
+        }                                                                    \
+    }
+
+static PyObject *first_nonfinite(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    int width;
+    unsigned long long mask;
+    if (!PyArg_ParseTuple(args, "y*iK", &b, &width, &mask)) return NULL;
+    if (width != 1 && width != 2 && width != 4 && width != 8) {
+        PyBuffer_Release(&b);
+        PyErr_Format(PyExc_ValueError, "first_nonfinite: width %d is not 1, 2, 4 or 8", width);
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)b.buf;
+    Py_ssize_t n = b.len / width, found = -1;
+    Py_BEGIN_ALLOW_THREADS
+    switch (width) {
+    case 1: SCAN(uint8_t, (uint8_t)) break;
+    case 2: SCAN(uint16_t, LE16) break;
+    case 4: SCAN(uint32_t, LE32) break;
+    default: SCAN(uint64_t, LE64) break;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(found);
+}
+
 PyDoc_STRVAR(use_vector_doc,
 "use_vector(flag) -> bool\n\n"
 "Allow (True) or forbid (False) the AVX2 + FMA + F16C paths; returns whether they were\n"
@@ -568,6 +632,7 @@ static PyMethodDef methods[] = {
     {"add_cast", add_cast, METH_VARARGS, add_cast_doc},
     {"lowrank_add_cast", lowrank_add_cast, METH_VARARGS, lowrank_doc},
     {"dora_rows_cast", dora_rows_cast, METH_VARARGS, dora_rows_doc},
+    {"first_nonfinite", first_nonfinite, METH_VARARGS, first_nonfinite_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,6 +22,7 @@ from .errors import InvalidAdapter, UnsupportedAdapter
 from .experts import ExpertFactors, candidates, is_expert_module
 from .fsutil import check_folder
 from .lora import LoraModule, module_rank_alpha, scaling
+from .safetensors_io import TensorView
 from .variants import classify_key, refused_fields
 
 if TYPE_CHECKING:
@@ -159,10 +160,14 @@ def check_variant(cfg: dict, where) -> None:
 
 
 def _is_float(t) -> bool:
+    if isinstance(t, TensorView):
+        return t.floating
     return t.is_floating_point() if hasattr(t, "is_floating_point") else t.dtype.kind == "f"
 
 
 def _all_finite(t) -> bool:
+    if isinstance(t, TensorView):  # the header-only path: a scan of the bits, no numpy
+        return t.all_finite()
     if hasattr(t, "is_floating_point"):
         import torch
 
@@ -172,9 +177,8 @@ def _all_finite(t) -> bool:
     return bool(np.isfinite(t).all())
 
 
-def load_adapter(folder: str | Path, allow_dora: bool = True, check_finite: bool = True) -> LoraAdapter:
-    """Load and validate a PEFT LoRA folder: factors as float32 numpy arrays, no torch."""
-    folder = Path(folder)
+def _weights_of(folder: Path) -> tuple[dict, Path]:
+    """The checked config and the weights file of a PEFT folder (the checks both loaders share)."""
     if not folder.exists():
         raise InvalidAdapter(folder, "no such file or directory")
     if not folder.is_dir():
@@ -191,10 +195,33 @@ def load_adapter(folder: str | Path, allow_dora: bool = True, check_finite: bool
                 "safe_serialization=True) to write adapter_model.safetensors",
             )
         raise InvalidAdapter(folder, f"no {WEIGHTS_NAME}")
+    return cfg, weights
+
+
+def load_adapter(folder: str | Path, allow_dora: bool = True, check_finite: bool = True) -> LoraAdapter:
+    """Load and validate a PEFT LoRA folder: factors as float32 numpy arrays, no torch."""
     from .safetensors_io import read_arrays
 
+    folder = Path(folder)
+    cfg, weights = _weights_of(folder)
     tensors, _, infos = read_arrays(weights, InvalidAdapter, float32=True)
     adapter = parse_state_dict(tensors, cfg, folder, allow_dora=allow_dora, check_finite=check_finite)
+    adapter.dtypes = {k: info.dtype for k, info in infos.items()}
+    return adapter
+
+
+def check_adapter(folder: str | Path) -> LoraAdapter:
+    """Every check ``load_adapter`` makes, config, header, shapes and finiteness alike, without
+    numpy or torch: the factors are ``TensorView``s (shape, dtype, bytes), enough for what
+    register, push and pull record (ranks, targets, parameter counts, shapes against a base).
+    Use ``load_adapter`` for math."""
+    from .safetensors_io import read_views, refuse_unreadable
+
+    folder = Path(folder)
+    cfg, weights = _weights_of(folder)
+    views, _, infos = read_views(weights, InvalidAdapter)
+    refuse_unreadable(infos, weights, InvalidAdapter)
+    adapter = parse_state_dict(views, cfg, folder)
     adapter.dtypes = {k: info.dtype for k, info in infos.items()}
     return adapter
 
@@ -317,17 +344,19 @@ def _dtype_name(adapter: LoraAdapter, m: LoraModule) -> str:
     return DTYPES[stored].torch if stored in DTYPES else str(m.A.dtype).replace("torch.", "")
 
 
-def adapter_summary(adapter: LoraAdapter) -> dict:
-    """What `adapters inspect` shows, as plain data."""
+def adapter_summary(adapter: LoraAdapter, norms: bool = True) -> dict:
+    """What `adapters inspect` shows, as plain data. ``norms=False`` (an adapter from
+    ``check_adapter``, whose factors are header views): no ‖ΔW‖ (``delta_norm`` is None) and no
+    DoRA magnitude statistics, the only fields that need the values."""
     cfg = adapter.config
     modules = []
     for name, m in adapter.modules.items():
         row = {
             "module": name, "kind": m.kind, "r": m.rank, "alpha": m.alpha, "scaling": m.scale,
-            "delta_shape": list(m.delta_shape), "delta_norm": m.delta_norm(),
+            "delta_shape": list(m.delta_shape), "delta_norm": m.delta_norm() if norms else None,
             "dtype": _dtype_name(adapter, m), "bias": m.bias is not None,
         }
-        if m.magnitude is not None:
+        if m.magnitude is not None and norms:
             # ‖ΔW‖ above is s·‖B·A‖; the merged DoRA update also rescales W row by row by m/‖W+ΔW‖
             mag = [float(x) for x in m.magnitude.reshape(-1).tolist()]
             row["dora"] = {"magnitude_min": min(mag), "magnitude_max": max(mag),

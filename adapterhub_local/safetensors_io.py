@@ -49,18 +49,21 @@ class DType:
     numpy: str | None  # numpy's dtype for it; None: no numpy equivalent (read raw)
     floating: bool
     torch: str  # torch's name, for messages and reports
+    special: int = 0  # floats: the bits that are all ones in every inf and NaN (0: none)
 
 
 # The one dtype table. BF16 has no numpy dtype: its arrays are upcast to float32 on read (exact).
+# ``special``: a float is inf or NaN exactly when these exponent bits are all ones (IEEE 754;
+# float8_e4m3fn has no inf and one NaN pattern per sign, S.1111.111, hence its 0x7F).
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        DType("F64", 8, "<f8", True, "float64"),
-        DType("F32", 4, "<f4", True, "float32"),
-        DType("F16", 2, "<f2", True, "float16"),
-        DType("BF16", 2, None, True, "bfloat16"),
-        DType("F8_E4M3", 1, None, True, "float8_e4m3fn"),
-        DType("F8_E5M2", 1, None, True, "float8_e5m2"),
+        DType("F64", 8, "<f8", True, "float64", 0x7FF0000000000000),
+        DType("F32", 4, "<f4", True, "float32", 0x7F800000),
+        DType("F16", 2, "<f2", True, "float16", 0x7C00),
+        DType("BF16", 2, None, True, "bfloat16", 0x7F80),
+        DType("F8_E4M3", 1, None, True, "float8_e4m3fn", 0x7F),
+        DType("F8_E5M2", 1, None, True, "float8_e5m2", 0x7C),
         DType("I64", 8, "<i8", False, "int64"),
         DType("I32", 4, "<i4", False, "int32"),
         DType("I16", 2, "<i2", False, "int16"),
@@ -316,15 +319,91 @@ def read_arrays(
             bits = np.frombuffer(data, dtype="<u2", count=n, offset=info.start)
             a = (bits.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
         elif dt.numpy is None:
-            raise error(
-                path, f"tensor {_show(name)} has dtype {info.dtype}, which has no numpy form"
-            )
+            refuse_unreadable(infos, path, error)
         else:
             a = np.frombuffer(data, dtype=dt.numpy, count=n, offset=info.start).reshape(info.shape)
             if float32 and dt.floating and a.dtype != np.float32:
                 a = a.astype(np.float32)
         out[name] = a
     return out, meta, infos
+
+
+def refuse_unreadable(infos: dict[str, TensorInfo], path, error: type) -> None:
+    """Refuse a file holding a dtype that has no numpy form (F8): what ``read_arrays`` cannot
+    give, ``read_views`` callers refuse alike, so both paths take the same files."""
+    for name, info in infos.items():
+        if DTYPES[info.dtype].numpy is None and info.dtype != "BF16":
+            raise error(Path(path), f"tensor {_show(name)} has dtype {info.dtype}, which has no numpy form")
+
+
+def _kernels_scan():
+    """The C kernel's ``first_nonfinite``, or None where it was not built (or is stale)."""
+    try:
+        from . import _kernels
+    except ImportError:
+        return None
+    return getattr(_kernels, "first_nonfinite", None)
+
+
+def _first_special(buf, dt: DType) -> int:
+    """Index of the first inf or NaN among ``buf``'s ``dt`` elements, -1 if none: the C kernel's
+    branch-free scan where it was built, else numpy on the same bits (the same answers)."""
+    scan = _kernels_scan()
+    if scan is not None:
+        return scan(buf, dt.itemsize, dt.special)
+    import numpy as np
+
+    n = len(buf) // dt.itemsize
+    bits = np.frombuffer(buf, dtype=f"<u{dt.itemsize}", count=n)
+    hit = np.flatnonzero((bits & dt.special) == dt.special)
+    return int(hit[0]) if hit.size else -1
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """A tensor as its validated header describes it, over a read-only mapping of its bytes:
+    what checking an adapter needs (shape, dtype, whether every value is finite) without numpy.
+    ``read_views`` makes them; ``read_arrays`` is for math."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview  # exactly this tensor's bytes
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def floating(self) -> bool:
+        return DTYPES[self.dtype].floating
+
+    def first_nonfinite(self) -> int:
+        """Flat index of the first inf or NaN, -1 if none (or not a float)."""
+        dt = DTYPES[self.dtype]
+        return _first_special(self.data, dt) if dt.special else -1
+
+    def all_finite(self) -> bool:
+        return self.first_nonfinite() < 0
+
+
+def read_views(path, error: type = InvalidModel) -> tuple[dict[str, TensorView], dict, dict[str, TensorInfo]]:
+    """Like ``read_arrays`` but numpy-free: every tensor of a validated file as a ``TensorView``
+    of one read-only mapping (what ``adapters register`` and ``push`` check, at start-up cost)."""
+    infos, meta = read_header(path, error)
+    path = Path(path)
+    try:
+        with open_input(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as e:
+        raise error(path, f"not a readable safetensors file ({getattr(e, 'strerror', None) or e})") from None
+    if len(data) < max((i.end for i in infos.values()), default=0):  # it shrank since the header was read
+        raise error(path, "not a readable safetensors file, truncated or corrupt (the file changed while read)")
+    whole = memoryview(data)
+    views = {name: TensorView(name, info.dtype, tuple(info.shape), whole[info.start:info.end])
+             for name, info in infos.items()}
+    return views, meta, infos
 
 
 def save_safetensors(

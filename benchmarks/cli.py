@@ -82,7 +82,10 @@ def main() -> None:
     base = make_base(tmp / "base")
     small = make_adapter(tmp / "small", base)
     big = make_adapter(tmp / "big", base, hidden=2048, r=16, size_mb=args.adapter_mb)
-    env = {**os.environ, "ADAPTERS_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "ADAPTERS_CACHE": str(tmp / "cache")}
+    # Installed packages run from cached bytecode; a PYTHONDONTWRITEBYTECODE=1 (set on some
+    # sandboxes) would make every run compile every module again (~0.09 s), which no user pays.
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = {**plain, "ADAPTERS_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "ADAPTERS_CACHE": str(tmp / "cache")}
     empty = {**env, "ADAPTERS_HOME": str(tmp / "empty")}
     one = {**env, "ADAPTERS_HOME": str(tmp / "one")}
     subprocess.run([ADAPTERS, "register", str(small), "--name", "a", "--base", str(base)], env=one, check=True,
@@ -130,7 +133,8 @@ def main() -> None:
     numpy_ref = med(rows[1][1][0])
     print(f"CPU: {model}\nflags: {flags}\npython {platform.python_version()}, {n} runs per row "
           f"(median; {big_runs} for the {big_mb:.0f} MB register), load average {load0:.2f} at start, "
-          f"{load1:.2f} at end\n")
+          f"{load1:.2f} at end\nbytecode cache: on (PYTHONDONTWRITEBYTECODE "
+          f"{'removed from' if 'PYTHONDONTWRITEBYTECODE' in os.environ else 'not set in'} the children's env)\n")
     def line(name: str, ts: list[float], cs: list[float]) -> None:
         w, c = med(ts), med(cs)
         print(f"{name:32} {w:8.3f} {min(ts):7.3f} {w / ref:7.2f} {w - ref:8.3f} {w - numpy_ref:9.3f} "

@@ -86,7 +86,7 @@ class Registry:
             # which (blobs being fsynced first) leaves at most orphan blobs.
             self.conn.execute("PRAGMA synchronous = NORMAL")
             check_ours(self.conn, self.db_path)  # before any write: other apps' databases stay as they are
-            applied = migrations.applied(self.conn)  # plain SQL: sqlite_utils only if a step must run
+            applied = migrations.applied(self.conn)
             unknown = sorted(set(applied) - set(KNOWN))
             if unknown:
                 raise RegistryError(
@@ -103,15 +103,13 @@ class Registry:
         self.blobs.root.mkdir(parents=True, exist_ok=True)
 
     def _migrate(self, migrations) -> None:
-        from sqlite_utils import Database
-
         # Several processes may open a fresh registry at once: one migrates, the rest wait.
         with open(self.home / ".migrate.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                db = Database(self.conn, execute_plugins=False)
-                db.enable_wal()
-                migrations.apply(db)
+                if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self.conn.execute("PRAGMA journal_mode = WAL")
+                migrations.apply(self.conn)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -120,14 +120,14 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
     Registering bytes that are already a version of ``name`` returns that version with
     ``is_new=False``; the metrics, tags and aliases given are applied to it.
     """
-    from ..peft_format import load_adapter
+    from ..peft_format import check_adapter
 
     check_name(name)
     aliases = [check_name(a, "alias") for a in ([aliases] if isinstance(aliases, str) else aliases)]
     metrics = check_metrics(metrics)
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
     folder = Path(adapter_dir).expanduser()
-    adapter = load_adapter(folder, allow_dora=True)
+    adapter = check_adapter(folder)  # every check, no numpy: the factors are header views
     cfg = adapter.config
     base_fp, base_row = self._base_info(base_dir, base_fingerprint, adapter, str(folder), progress)
     parent_entries = [_parent_entry(self, p) for p in parents]

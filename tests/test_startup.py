@@ -126,12 +126,67 @@ def test_applied_steps_are_read_as_sqlite_utils_reads_them(tmp_path):
     reg.close()
 
 
-@pytest.mark.parametrize("verb", ["check", "fingerprint"])
+@pytest.mark.parametrize("verb", sorted(set(VERBS) - {"inspect"}))
 def test_header_only_verbs_import_no_numpy(verb, inputs, tmp_path):
-    """check and fingerprint read safetensors headers only: numpy (~0.15 s) is not imported."""
+    """Every verb but inspect (which prints ‖ΔW‖) reads safetensors headers, and register and
+    push scan the values for inf/NaN in C (peft_format.check_adapter): numpy (~0.15 s) is not
+    imported, nor sqlite_utils (which imports it) to create a registry."""
     template, expect = VERBS[verb]
     args = [a.format(base=inputs["base"], adapter=inputs["adapter"], tmp=tmp_path) for a in template]
-    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=(*HEAVY, "numpy")), *args],
-                       capture_output=True, text=True, env=inputs["env"])
+    env = {**inputs["env"], "ADAPTERS_HOME": str(tmp_path / "new")} if verb == "register" else inputs["env"]
+    r = subprocess.run([sys.executable, "-c", PROBE.format(heavy=(*HEAVY, "numpy", "sqlite_utils")), *args],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.rstrip().endswith("HEAVY []"), r.stdout[-500:]
+
+
+def test_a_registry_begun_by_sqlite_utils_migrations_is_finished_by_ours(tmp_path):
+    # earlier versions ran the steps through sqlite_utils.Migrations: a registry they left at
+    # m001 gets the later steps from our runner, in the same table, each exactly once
+    import sqlite3
+
+    from adapterhub_local.registry import open_registry
+    from adapterhub_local.registry.schema import KNOWN, migrations
+    from sqlite_utils import Database, Migrations
+
+    home = tmp_path / "h"
+    home.mkdir()
+    conn = sqlite3.connect(home / "registry.db")
+    theirs = Migrations(migrations.name)
+    theirs()(migrations.steps[0])
+    theirs.apply(Database(conn))
+    conn.close()
+    reg = open_registry(home)
+    rows = reg.conn.execute("SELECT migration_set, name FROM _sqlite_migrations ORDER BY id").fetchall()
+    assert rows == [(migrations.name, n) for n in KNOWN]
+    assert reg.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reg.close()
+
+
+def test_a_failing_step_leaves_no_trace_and_stays_pending(tmp_path):
+    import sqlite3
+
+    from adapterhub_local.registry.schema import _run, _Steps
+
+    steps = _Steps()
+
+    @steps()
+    def m001_ok(db):
+        _run(db, "CREATE TABLE a (x INTEGER); CREATE TABLE b (y INTEGER)")
+
+    @steps()
+    def m002_breaks(db):
+        db.execute("CREATE TABLE c (z INTEGER)")
+        raise RuntimeError("step failed")
+
+    conn = sqlite3.connect(tmp_path / "x.db")
+    with pytest.raises(RuntimeError):
+        steps.apply(conn)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"_sqlite_migrations", "a", "b"}  # m002's table rolled back with it
+    assert steps.applied(conn) == ["m001_ok"]
+    steps.steps[1] = m002_fixed = lambda db: db.execute("CREATE TABLE c (z INTEGER)")  # noqa: E731
+    m002_fixed.__name__ = "m002_breaks"
+    assert steps.apply(conn) == ["m002_breaks"]  # only the pending step runs, once
+    assert steps.apply(conn) == []
+    assert steps.applied(conn) == ["m001_ok", "m002_breaks"]

@@ -75,11 +75,11 @@ def _hash_files(folder: Path, known: dict[str, str] | None = None,
 
 
 def _read_recipe(folder: Path) -> tuple[dict | None, str | None]:
-    import yaml
-
     for name in RECIPE_NAMES:
         path = folder / name
         if path.is_file():
+            import yaml  # here: most folders have no recipe
+
             text = path.read_text(encoding="utf-8")
             try:
                 data = yaml.safe_load(text)
@@ -195,7 +195,7 @@ def registered_version(folder: Path, registry_home=None):
 
 def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True) -> Source:
     """Find what REF_OR_DIR names and gather its facts (validating it on the way)."""
-    from ..peft_format import adapter_summary, load_adapter
+    from ..peft_format import adapter_summary, check_adapter
     from ..refs import looks_like_path, resolve_adapter
 
     path = Path(ref).expanduser()
@@ -213,14 +213,14 @@ def resolve_source(ref: str, registry_home=None, fingerprint_merged: bool = True
     existing_readme = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None
 
     if _looks_like_adapter(path):
-        adapter = load_adapter(path)  # validates config and tensors; raises InvalidAdapter
+        adapter = check_adapter(path)  # every check of config and tensors, no numpy; raises InvalidAdapter
         if record is None:
             record = registered_version(path, registry_home)
         known = dict(getattr(record, "files", None) or {}) if record is not None else {}
         files, sizes = _hash_files(path, known, recursive=False)
         src = Source(kind="adapter", folder=path, ref=ref, record=record, recipe=recipe,
                      recipe_text=recipe_text, config=dict(adapter.config), files=files, sizes=sizes,
-                     adapter_summary=adapter_summary(adapter), existing_readme=existing_readme)
+                     adapter_summary=adapter_summary(adapter, norms=False), existing_readme=existing_readme)
         src.base_name = adapter.base_model
         if record is not None:
             src.base_fingerprint = getattr(record, "base_fingerprint", None)
