@@ -51,7 +51,10 @@ if cast.have_c_kernel():
 
 def test_the_c_kernel_was_built():
     """A fresh `pip install -e .` builds it (gcc and Python headers are present where we test)."""
-    assert cast.have_c_kernel()
+    from adapterhub_local import safetensors_io
+
+    assert cast.have_c_kernel(), "no C kernel, or a stale one: rebuild it with `pip install -e .`"
+    assert safetensors_io._kernels_scan() is not None, "a stale C kernel: rebuild it with `pip install -e .`"
 
 
 def test_the_layout_comes_from_the_c_kernel():
