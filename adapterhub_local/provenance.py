@@ -37,8 +37,10 @@ base              ``{"fingerprint": "sha256:<64 hex>", "name_or_path", "hub_id"}
                   exact base weights (see fingerprint.py), its path or id as recorded,
                   its Hub id when known
 team              ``{"repo_id": "org/name", "version": 7, "metrics": {"v7": {"eval_loss":
-                  0.9}}}``: a team push (hub/team.py): the repo, this content's version N
-                  (its Hub tag is ``vN``), and metrics logged after each version was pushed
+                  0.9}}, "aliases": {"prod": "v6"}}``: a team push (hub/team.py): the repo,
+                  this content's version N (its Hub tag is ``vN``), metrics logged after
+                  each version was pushed, and the alias tags as `remote alias` last set
+                  them (hub/refs_cache.py says why they are committed)
 source            ``{"repo_id", "commit_id" (40 hex), "revision", "endpoint",
                   "version" ("vN")}``: where a pulled version came from
 registry          the local record it was published from: ``{"id", "name", "version",
@@ -86,10 +88,11 @@ MAX_DEPTH = 32
 MAX_NODES = 200_000
 MAX_ABS = 2**63
 
-_FP = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_VTAG = re.compile(r"^v[1-9][0-9]{0,8}$")
+_FP = re.compile(r"^sha256:[0-9a-f]{64}\Z")  # \Z, not $: "$" lets a trailing newline in
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_COMMIT = re.compile(r"^[0-9a-f]{40}\Z")
+_VTAG = re.compile(r"^v[1-9][0-9]{0,8}\Z")
+_ALIAS = re.compile(r"^(?![vV][0-9]+\Z)[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # a Hub tag that is no version
 
 
 class ProvenanceError(AdapterHubError):
@@ -127,6 +130,7 @@ FP = _T("fp", lambda v: isinstance(v, str) and bool(_FP.match(v)), "'sha256:' an
 HEX64 = _T("hex64", lambda v: isinstance(v, str) and bool(_HEX64.match(v)), "64 lowercase hex digits")
 COMMIT = _T("commit", lambda v: isinstance(v, str) and bool(_COMMIT.match(v)), "a 40-hex commit id")
 VTAG = _T("vtag", lambda v: isinstance(v, str) and bool(_VTAG.match(v)), "a version tag like 'v7'")
+ALIAS = _T("alias", lambda v: isinstance(v, str) and bool(_ALIAS.match(v)), "an alias name (not like v7)")
 OBJ = _T("obj", lambda v: isinstance(v, dict), "an object")
 
 
@@ -185,7 +189,8 @@ _BASE = Obj({"fingerprint": Opt(FP), "name_or_path": Opt(STR), "hub_id": Opt(STR
 _TOOL = Obj({"name": STR, "version": STR})
 POSINT = _T("posint", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**9,
             "a positive integer")
-_TEAM = Obj({"repo_id": Opt(STR), "version": Opt(POSINT), "metrics": Opt(MapOf(MapOf(NUM), key=VTAG))})
+_TEAM = Obj({"repo_id": Opt(STR), "version": Opt(POSINT), "metrics": Opt(MapOf(MapOf(NUM), key=VTAG)),
+             "aliases": Opt(MapOf(VTAG, key=ALIAS))})
 _SOURCE = Obj({"repo_id": Opt(STR), "commit_id": Opt(COMMIT), "revision": Opt(STR), "endpoint": Opt(STR),
                "version": Opt(VTAG)})
 _REGISTRY = Obj({"id": Opt(INT), "name": Opt(STR), "version": Opt(INT), "ref": Opt(STR),

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 LFS_THRESHOLD = 10 * 1024  # files above this size (or *.safetensors / *.bin) go through LFS
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
@@ -320,7 +320,7 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.requests.append((method, url.path))
             st.auth_seen.append((method, url.path, self.headers.get("Authorization")))
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query = {k: v if k == "expand" else v[-1] for k, v in parse_qs(url.query).items()}
         body = b"" if method in ("GET", "HEAD") else self._body()
         parts = [unquote(p) for p in url.path.split("/")[1:]]
         stall = st.hostile.get("stall")
@@ -460,10 +460,23 @@ class Handler(BaseHTTPRequestHandler):
         return d
 
     def _list_models(self, query, user):
-        """GET /api/models?author=&filter=&cardData=&full=, paged by a Link header."""
+        """GET /api/models?author=&filter=&cardData=&full=&expand=, paged by a Link header.
+
+        The fields are the Hub's for that request (huggingface_hub hf_api.py ``list_models``:
+        ``expand`` returns only the properties named, and cannot be combined with ``full`` or
+        ``cardData``; ``full`` adds ``sha``, ``lastModified``, ``author`` and the files; by
+        default neither ``sha`` nor ``lastModified`` is sent, so a client must ask for them)."""
         st = self.state
         author, wanted = query.get("author"), query.get("filter")
         with_card = query.get("cardData", "").lower() in ("1", "true")
+        full = query.get("full", "").lower() in ("1", "true")
+        expand = query.get("expand")
+        known = {"author", "cardData", "createdAt", "downloads", "lastModified", "likes", "private", "sha",
+                 "siblings", "tags"}
+        if expand and (full or with_card):
+            raise HubError(400, "expand cannot be used with full or cardData")
+        if expand and not set(expand) <= known:
+            raise HubError(400, f"invalid expand value(s): {sorted(set(expand) - known)}")
         items = []
         for repo in st.repos.values():
             if repo.private and not st.can_write_namespace(user, repo.owner):
@@ -474,11 +487,19 @@ class Handler(BaseHTTPRequestHandler):
             tags = card_tags(head, st)
             if wanted and wanted not in tags:
                 continue
-            item = {"_id": repo.id, "id": repo.id, "modelId": repo.id, "author": repo.owner,
-                    "sha": self._cid(head.id), "private": repo.private, "tags": tags,
-                    "lastModified": _iso(head.date), "createdAt": _iso(head.date), "downloads": 0, "likes": 0}
-            if with_card:
-                item["cardData"] = card_data(head, st) or {}
+            every = {"author": repo.owner, "sha": self._cid(head.id), "private": repo.private, "tags": tags,
+                     "lastModified": _iso(head.date), "createdAt": _iso(head.date), "downloads": 0, "likes": 0,
+                     "siblings": [{"rfilename": p} for p in sorted(head.files)]}
+            if expand:
+                item = {"_id": repo.id, "id": repo.id}
+                item.update({k: (card_data(head, st) or {}) if k == "cardData" else every[k] for k in expand})
+            else:
+                shown = ("private", "tags", "createdAt", "downloads", "likes")
+                if full:
+                    shown += ("author", "sha", "lastModified", "siblings")
+                item = {"_id": repo.id, "id": repo.id, "modelId": repo.id, **{k: every[k] for k in shown}}
+                if with_card:
+                    item["cardData"] = card_data(head, st) or {}
             items.append(item)
         for i in range(int(st.hostile.get("listing", 0))):
             items.append({"_id": f"{author or 'x'}/junk-{i}", "id": f"{author or 'x'}/junk-{i}",
@@ -488,7 +509,7 @@ class Handler(BaseHTTPRequestHandler):
         headers = {}
         if start + st.page_size < len(items):
             q = {k: v for k, v in query.items() if k != "cursor"}
-            nxt = "&".join(f"{k}={v}" for k, v in q.items())
+            nxt = urlencode(q, doseq=True)
             headers["Link"] = f'<{st.base_url}/api/models?{nxt}&cursor={start + st.page_size}>; rel="next"'
         return self._json(200, page, headers)
 

@@ -289,14 +289,20 @@ def test_remote_list_calls_and_cache(env, models, tmp_path):
     assert len(rows) == 100 and rows[0]["repo"] == f"{org}/a099" and rows[0]["metrics"] == {"acc": 0.99}
     assert all(r["repo"] != f"{org}/plain-peft" for r in rows)
     env.clear_requests()
-    js("remote", "list", org)
+    assert js("remote", "list", org, "--sort", "-acc") == rows
     second = hub_calls()
+    env.clear_requests()
+    assert js("remote", "list", org, "--sort", "-acc", "--refresh") == rows
+    refreshed = hub_calls()
     count = lambda reqs, s: sum(1 for _, p in reqs if s in p)  # noqa: E731
     # first: 1 listing + 100 refs + 100 adapterhub.json (each head is its v1 commit: one file each)
     assert (len(first), count(first, "/refs"), count(first, "/resolve/")) == (201, 100, 100)
-    # second: the listing and the refs; every adapterhub.json comes from the cache
-    assert (len(second), count(second, "/resolve/")) == (101, 0)
-    print(f"\nremote list of 100 adapters: {len(first)} requests, then {len(second)}")
+    # second, nothing changed: the listing alone (refs cached by head commit, files by commit)
+    assert second == [("GET", "/api/models")]
+    # --refresh: the listing and the refs; every adapterhub.json comes from the cache
+    assert (len(refreshed), count(refreshed, "/resolve/")) == (101, 0)
+    print(f"\nremote list of 100 adapters: {len(first)} requests, then {len(second)}, "
+          f"{len(refreshed)} with --refresh")
 
 
 PUSHER = r"""
@@ -370,9 +376,14 @@ def test_the_test_hub_speaks_what_huggingface_hub_sends(env, models):
     with pytest.raises(HfHubHTTPError) as e:
         api.delete_tag(repo, tag="extra")
     assert e.value.response.status_code == 404
-    found = list(api.list_models(author=ORG, filter="adapterhub-local", cardData=True))
+    found = list(api.list_models(author=ORG, filter="adapterhub-local", cardData=True, full=True))
     mine = [m for m in found if m.id == repo]
     assert mine and "adapterhub-local" in mine[0].card_data.tags and mine[0].sha == head
+    # as on the Hub: the head commit only when asked for (full, or expand=["sha"] and nothing else)
+    assert [m.sha for m in api.list_models(author=ORG, filter="adapterhub-local", cardData=True)
+            if m.id == repo] == [None]
+    only = [m for m in api.list_models(author=ORG, filter="adapterhub-local", expand=["sha"]) if m.id == repo]
+    assert [(m.sha, m.tags, m.created_at) for m in only] == [(head, None, None)]
     assert not list(api.list_models(author="nobody", filter="adapterhub-local"))
     from huggingface_hub import CommitOperationAdd
 

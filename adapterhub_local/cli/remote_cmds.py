@@ -33,30 +33,47 @@ def remote():
 @click.option("--base", metavar="FINGERPRINT", help="Only versions on this base (fingerprint or its prefix).")
 @click.option("--sort", metavar="KEY", help="Sort by a metric (ascending; '-key' for descending), name, "
               "version or rank. Default: by repo, then version.")
+@click.option("--refresh", is_flag=True, help="Read every repo's tags from the Hub again instead of "
+              "reusing those cached for an unchanged head (one more request per repo): sees tags made "
+              "by other tools.")
+@click.option("--calls", "show_calls", is_flag=True,
+              help="Say on stderr how many Hub requests this made (listing pages, refs reads, downloads).")
 @click.option("--token", metavar="T", help="Hub token for private repos (default: $HF_TOKEN).")
 @json_option
 @click.pass_context
-def remote_list(ctx, org, where, base, sort, token, as_json):
+def remote_list(ctx, org, where, base, sort, refresh, show_calls, token, as_json):
     """List every version of every adapterhub-local repo in ORG, with aliases and metrics.
 
     Repos are found by the tag our model cards carry (plain PEFT repos are left
     out); versions are the repos' vN tags, aliases their other tags; base
     fingerprint and metrics come from adapterhub.json at each version's commit,
     plus metrics logged later with `adapters log-metric --push`. All of it is
-    what the Hub claims. adapterhub.json files are cached by commit id, so a
-    second call costs one listing plus one refs call per repo.
+    what the Hub claims.
+
+    adapterhub.json files are cached by commit id and each repo's tags by its
+    head commit, which the listing carries: a second call on an unchanged
+    namespace costs one listing request. Pushes and `adapters remote alias`
+    commit before they tag, so every machine sees them. A tag made or moved by
+    another tool (a raw create_tag) does not change the head: such a change to
+    a repo already cached is seen only with --refresh.
 
     \b
     Examples:
       adapters remote list my-team
       adapters remote list my-team --where 'eval_loss<1.2' --sort eval_loss --json
+      adapters remote list my-team --refresh --calls
     """
     from ..hub.listing import remote_list as do_list
 
     _quiet_hf()
-    res = do_list(org, where=where, base=base, sort=sort, token=token, registry_home=ctx.obj.registry_home)
+    res = do_list(org, where=where, base=base, sort=sort, token=token, registry_home=ctx.obj.registry_home,
+                  refresh=refresh)
     for p in res.problems:
         hint(f"skipped {p}")
+    if show_calls:
+        c = res.calls
+        hint(f"{c['total']} Hub requests: {c['listing_pages']} listing page(s), {c['refs_reads']} refs reads, "
+             f"{c['downloads']} downloads of adapterhub.json")
     if as_json:
         emit_json(res.rows)
         return
@@ -86,12 +103,15 @@ def remote_list(ctx, org, where, base, sort, token, as_json):
 @click.option("--rm", "remove", is_flag=True, help="Remove the alias (no vN needed).")
 @click.option("--token", metavar="T", help="Hub token (default: $HF_TOKEN).")
 @json_option
-def remote_alias(repo_id, alias, version, remove, token, as_json):
+@click.pass_context
+def remote_alias(ctx, repo_id, alias, version, remove, token, as_json):
     """Point the Hub tag ALIAS of ORG/NAME at version vN's commit (moving it), or remove it.
 
-    Names like v3 are reserved for versions. Every machine sees the move at its
-    next `adapters remote list`; `adapters pull ORG/NAME:ALIAS` registers the
-    version it points at.
+    Names like v3 are reserved for versions. The move is also committed (the
+    alias table in adapterhub.json at the head, not a new version), so every
+    machine sees it at its next `adapters remote list`; `adapters pull
+    ORG/NAME:ALIAS` registers the version it points at. When others move the
+    same alias at the same moment, the last table committed wins.
 
     \b
     Examples:
@@ -105,14 +125,17 @@ def remote_alias(repo_id, alias, version, remove, token, as_json):
     if remove and version:
         raise click.UsageError("--rm takes no version")
     _quiet_hf()
-    res = set_alias(repo_id, alias, version, remove=remove, token=token)
+    res = set_alias(repo_id, alias, version, remove=remove, token=token, registry_home=ctx.obj.registry_home)
     if as_json:
         emit_json(res)
-    elif remove:
+        return
+    if remove:
         echo(f"removed {repo_id}:{alias}" + (f" (was {res['was']})" if res["was"] else ""))
     else:
         moved = f" (was {res['was']})" if res["was"] and res["was"] != res["version"] else ""
-        echo(f"{repo_id}:{alias} -> {res['version']} (commit {res['commit_id'][:12]}){moved}")
+        echo(f"{repo_id}:{alias} -> {res['version']} (commit {(res['commit_id'] or '-')[:12]}){moved}")
+    if res["now"] != (None if remove else res["version"]):
+        hint(f"someone moved it again meanwhile: {repo_id}:{alias} is now {res['now'] or 'removed'}")
 
 
 @click.command()

@@ -55,9 +55,9 @@ def check_online() -> None:
         raise OfflineMode()
 
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}\Z")  # \Z: "$" would let a trailing newline in
 # a tag or branch name we act on: git's rules are looser, ours are what the Hub lets us create
-REF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte before a request is given up (ADAPTERS_HUB_TIMEOUT)
 
 

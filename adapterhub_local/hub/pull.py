@@ -288,12 +288,17 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
             prov = read_provenance(dl / PROVENANCE_NAME, where=f"{repo_id}@{commit[:12]}/{PROVENANCE_NAME}")
         claimed = ((prov or {}).get("team") or {}).get("version")
         if version is None and claimed is not None and (revision is None or revision == "main"):
-            # a team repo's head pulled by branch: when it is a tagged version, record it as one
-            from .remote import read_refs
+            # a team repo's head pulled by branch: when it is a tagged version, record it as one;
+            # a head that only adds metrics or the alias table over vK's files is vK (at vK's commit)
+            from ..paths import registry_home as home
+            from .remote import ProvenanceCache, read_refs
+            from .team import _holds
 
             refs = read_refs(api, repo_id, ep, authenticated=authed)
-            if refs.versions.get(claimed) == commit:
-                version, revision = claimed, f"v{claimed}"
+            tagged = refs.versions.get(claimed)
+            if tagged is not None and _holds(api, repo_id, ep, ProvenanceCache(home(registry_home)), tok, tagged,
+                                             commit, prov.get("files") or {}):
+                version, revision, commit = claimed, f"v{claimed}", tagged
         if prov is not None:
             for fname, digest in (prov.get("files") or {}).items():
                 if fname in hashes and hashes[fname] != digest:

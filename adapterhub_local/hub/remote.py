@@ -6,7 +6,8 @@ the listing's repo ids, the size of what arrives and the provenance file's field
 (types, finite numbers, depth). A Hub's metrics are claims of their source.
 
 ``adapterhub.json`` at a commit never changes, so it is cached by commit id under the
-registry home (``hub-cache/``): a second ``remote list`` downloads nothing.
+registry home (``hub-cache/``): a second ``remote list`` downloads nothing. A repo's refs
+are cached by its head commit (refs_cache.py), which the namespace listing carries.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..provenance import NAME as PROVENANCE_NAME
-from .common import REF_NAME_RE, check_commit_id, check_file_name, validate_repo_id
+from .common import COMMIT_RE, REF_NAME_RE, check_commit_id, check_file_name, validate_repo_id
 from .errors import HubError, hub_errors
 
-VERSION_TAG = re.compile(r"^v([1-9][0-9]{0,8})$")  # v1 .. v999999999: the versions
-VERSION_LIKE = re.compile(r"^[vV][0-9]+$")  # reserved: never an alias (v02, V3 are ignored, not aliases)
+VERSION_TAG = re.compile(r"^v([1-9][0-9]{0,8})\Z")  # v1 .. v999999999: the versions
+VERSION_LIKE = re.compile(r"^[vV][0-9]+\Z")  # reserved: never an alias (v02, V3 are ignored, not aliases)
 MAX_PROVENANCE_BYTES = 4 << 20  # provenance.MAX_BYTES: the one bound on an adapterhub.json
 MAX_REPOS = 5000  # a namespace listing longer than this is refused, not walked forever
 MAX_TAGS = 5000
 MAX_METRICS = 1000
-_FP = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$")
+_FP = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}\Z")
 
 
 def version_tag(n: int) -> str:
@@ -45,6 +46,7 @@ class RepoRefs:
     head: str | None
     versions: dict[int, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    ignored: int = 0  # tags we do not act on (odd names, v02): refs we did not make; never cached
 
     @property
     def latest(self) -> int:
@@ -74,6 +76,7 @@ def read_refs(api, repo_id: str, ep: str, *, authenticated: bool = True) -> Repo
     out = RepoRefs(repo_id=repo_id, head=head)
     for t in tags:
         if not isinstance(t.name, str) or not REF_NAME_RE.match(t.name):
+            out.ignored += 1
             continue
         commit = check_commit_id(t.target_commit, repo_id, f"commit for tag {t.name!r}")
         m = VERSION_TAG.match(t.name)
@@ -81,6 +84,8 @@ def read_refs(api, repo_id: str, ep: str, *, authenticated: bool = True) -> Repo
             out.versions[int(m.group(1))] = commit
         elif not VERSION_LIKE.match(t.name):
             out.aliases[t.name] = commit
+        else:
+            out.ignored += 1
     return out
 
 
@@ -121,6 +126,15 @@ def team_fields(prov: dict, where: str) -> dict:
             raise HubError(f"{where}: files[{name!r}] is not a sha256")
     later = team.get("metrics") if isinstance(team.get("metrics"), dict) else {}
     later_out = {}
+    aliases = team.get("aliases") if isinstance(team.get("aliases"), dict) else {}
+    if len(aliases) > MAX_TAGS:
+        raise HubError(f"{where}: team.aliases holds more than {MAX_TAGS} aliases")
+    aliases_out = {}
+    for alias, tag in aliases.items():
+        m = VERSION_TAG.match(tag) if isinstance(tag, str) else None
+        if not isinstance(alias, str) or not REF_NAME_RE.match(alias) or VERSION_LIKE.match(alias) or not m:
+            raise HubError(f"{where}: team.aliases must map alias names to version tags like v3")
+        aliases_out[alias] = int(m.group(1))
     for key, values in later.items():
         m = VERSION_TAG.match(key) if isinstance(key, str) else None
         if not m:
@@ -132,6 +146,7 @@ def team_fields(prov: dict, where: str) -> dict:
     return {
         "version": version, "base_fingerprint": fp, "files": dict(files),
         "metrics": _metrics(prov.get("metrics"), where), "later_metrics": later_out,
+        "aliases": aliases_out,
         "name": name, "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
         "lineage": prov.get("lineage") if isinstance(prov.get("lineage"), dict) else {},
     }
@@ -171,8 +186,11 @@ class ProvenanceCache:
         path = self._path(ep, repo_id, commit)
         where = f"{repo_id}@{commit[:12]}/{PROVENANCE_NAME}"
         if path is not None and path.is_file():
-            data = path.read_bytes()
-            return parse_strict(data, where) if data else None
+            try:  # our own file, but a disk can be corrupt or the file edited: never trusted
+                data = path.read_bytes()
+                return parse_strict(data, where) if data else None
+            except (OSError, HubError):
+                pass  # download it again below, and replace the bad copy
         data = fetch_file(ep, repo_id, commit, PROVENANCE_NAME, token, MAX_PROVENANCE_BYTES)
         self.downloads += 1
         prov = parse_strict(data, where) if data is not None else None
@@ -217,20 +235,62 @@ def fetch_file(ep: str, repo_id: str, commit: str, filename: str, token: str | N
     return bytes(buf)
 
 
-def list_team_repos(api, org: str, ep: str, tag: str) -> list[str]:
-    """Repo ids in ``org`` carrying our card tag (plain PEFT repos are left out), checked."""
+@dataclass
+class Namespace:
+    """The namespace listing: repo id -> its main head as the listing says (None when the
+    server did not say), and how many pages (requests) it took."""
+
+    heads: dict[str, str | None] = field(default_factory=dict)
+    pages: int = 0
+
+
+def list_namespace(org: str, ep: str, token: str | None, tag: str) -> Namespace:
+    """Repos of ``org`` carrying our card tag (plain PEFT repos are left out), with each one's
+    head commit: ``GET /api/models?author=ORG&filter=TAG&expand=sha``, paged by the Link
+    header, as huggingface_hub's list_models sends it (hf_api.py ``list_models``: ``expand``
+    returns only the properties named, and ``sha`` is none of the default ones; ``full=True``
+    would bring every file of every repo). Our own paging, to count the pages and to never
+    follow a next page (with the token) off the endpoint's listing."""
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+
+    from .common import install_timeout
+
     validate_repo_id(f"{org}/x")
-    out = []
-    with hub_errors("listing the namespace", org, ep):
-        for i, m in enumerate(api.list_models(author=org, filter=tag)):
-            if i >= MAX_REPOS:
-                raise HubError(f"{org}: the Hub lists more than {MAX_REPOS} repos tagged {tag}",
-                               "refusing to walk a listing that long")
-            rid = getattr(m, "id", None)
+    install_timeout()
+    headers = build_hf_headers(token=token or False, library_name="adapterhub-local")
+    out = Namespace()
+    url: str | None = f"{ep}/api/models"
+    params: dict | None = {"author": org, "filter": tag, "expand": ["sha"]}
+    seen = 0
+    with hub_errors("listing the namespace", org, ep, authenticated=token is not None):
+        while url is not None:
+            r = http_backoff("GET", url, params=params, headers=headers)
+            out.pages += 1
+            hf_raise_for_status(r)
             try:
-                validate_repo_id(rid)
-            except HubError:
-                continue
-            if rid.split("/")[0] == org and rid not in out:
-                out.append(rid)
-    return sorted(out)
+                page = r.json()
+            except ValueError:
+                raise HubError(f"{org}: the Hub's listing is not JSON") from None
+            if not isinstance(page, list):
+                raise HubError(f"{org}: the Hub's listing is not a list of repos")
+            for item in page:
+                seen += 1
+                if seen > MAX_REPOS:
+                    raise HubError(f"{org}: the Hub lists more than {MAX_REPOS} repos tagged {tag}",
+                                   "refusing to walk a listing that long")
+                rid = item.get("id") if isinstance(item, dict) else None
+                try:
+                    validate_repo_id(rid)
+                except HubError:
+                    continue
+                sha = item.get("sha")
+                if rid.split("/")[0] == org and rid not in out.heads:
+                    out.heads[rid] = sha if isinstance(sha, str) and COMMIT_RE.match(sha) else None
+            url = r.links.get("next", {}).get("url")
+            params = None  # the next link carries the query
+            if url is not None and not url.startswith(f"{ep}/api/models?"):
+                raise HubError(f"{org}: the Hub's listing sends the next page elsewhere ({url[:80]!r})",
+                               "refusing to follow it (and to send the token there)")
+    out.heads = dict(sorted(out.heads.items()))
+    return out
+

@@ -148,8 +148,11 @@ def commit_version(api, staged: Path, repo_id: str, ep: str, token: str | None, 
                 _holds(api, repo_id, ep, cache, token, refs.versions[k], refs.head, ours):
             return VersionResult(repo_id, k, refs.versions[k], True, stats)
         n = max(refs.latest, k or 0) + 1
-        carried = ((head_prov or {}).get("team") or {}).get("metrics") or {}
-        prov = {**base, "team": {"repo_id": repo_id, "version": n, "metrics": carried}}
+        head_team = (head_prov or {}).get("team") or {}
+        team = {"repo_id": repo_id, "version": n, "metrics": head_team.get("metrics") or {}}
+        if head_team.get("aliases"):  # the alias table travels like the metrics (refs_cache.py)
+            team["aliases"] = head_team["aliases"]
+        prov = {**base, "team": team}
         provenance.write(staged, prov)
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(staged).as_posix(), path_or_fileobj=str(p))
                for p in sorted(staged.rglob("*")) if p.is_file()]
@@ -193,10 +196,83 @@ def parse_version(text: str) -> int:
     return int(m.group(1))
 
 
-def set_alias(repo_id: str, alias: str, version: str | None, *, remove: bool = False,
-              token: str | None = None) -> dict:
-    """Point the tag ALIAS at vN's commit (delete, then create; retried on 409), or remove it."""
+def _alias_table(refs: RepoRefs, fields: dict | None) -> dict[str, str]:
+    """The head's alias table (alias -> "vN"), completed with alias tags on versions that it does
+    not name (aliases made before the table existed, or by hand): what `remote alias` commits."""
+    table = {a: version_tag(n) for a, n in ((fields or {}).get("aliases") or {}).items()}
+    for a, commit in sorted(refs.aliases.items()):
+        n = refs.version_of(commit)
+        if a not in table and n is not None:
+            table[a] = version_tag(n)
+    return table
+
+
+def _commit_alias_table(api, repo_id: str, ep: str, cache: ProvenanceCache, token: str, alias: str,
+                        n: int | None, remove: bool) -> tuple[RepoRefs, str | None]:
+    """Commit the head's adapterhub.json with ``alias`` set to vN (or removed) in ``team.aliases``,
+    on the head we read (412: read again). Returns the refs read and the alias's version before.
+    A repo without adapterhub.json at its head gets no table (its tags alone change)."""
+    from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        refs, prov, fields = head_state(api, repo_id, ep, cache, token)
+        table = _alias_table(refs, fields)
+        was = refs.aliases.get(alias)
+        was_v = refs.version_of(was) if was else None
+        if remove and alias not in refs.aliases and alias not in table:
+            raise HubError(f"{repo_id} has no alias {alias!r}", f"aliases: {', '.join(sorted(table)) or 'none'}")
+        if not remove and n not in refs.versions:
+            raise HubError(f"{repo_id} has no version {version_tag(n)}",
+                           f"latest is {version_tag(refs.latest)}" if refs.latest else "push a version first")
+        if prov is None:
+            return refs, was_v and version_tag(was_v)
+        repair_head(api, repo_id, ep, refs, fields, Attempts())  # a version commit left untagged: tag it first
+        new = dict(table)
+        if remove:
+            new.pop(alias, None)
+        else:
+            new[alias] = version_tag(n)
+        if new == ((prov.get("team") or {}).get("aliases") or {}):
+            return refs, was_v and version_tag(was_v)  # committed already (a run that died before the tag)
+        team = {**(prov.get("team") or {}), "aliases": dict(sorted(new.items()))}
+        op = CommitOperationAdd(path_in_repo=PROVENANCE_NAME, path_or_fileobj=provenance.dumps({**prov, "team": team})
+                                .encode())
+        what = f"alias {alias} removed" if remove else f"alias {alias} -> {version_tag(n)}"
+        with hub_errors("commit", repo_id, ep):
+            try:
+                api.create_commit(repo_id, [op], parent_commit=refs.head, commit_message=what)
+                return refs, was_v and version_tag(was_v)
+            except HfHubHTTPError as e:
+                if _status(e) != 412:
+                    raise
+        _backoff(attempt)
+    raise HubError(f"{repo_id}: gave up after {MAX_ATTEMPTS} attempts: others keep committing", "run it again")
+
+
+def _move_tag(api, repo_id: str, ep: str, alias: str, commit: str | None) -> None:
+    """Point the tag ``alias`` at ``commit`` (None: no tag): delete, then create (409: someone
+    else created it meanwhile; the caller looks again)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with hub_errors(f"deleting tag {alias}", repo_id, ep):
+        try:
+            api.delete_tag(repo_id, tag=alias)
+        except HfHubHTTPError as e:
+            if _status(e) != 404:  # someone else deleted it first: fine
+                raise
+    if commit is not None:
+        create_tag(api, repo_id, ep, alias, commit)
+
+
+def set_alias(repo_id: str, alias: str, version: str | None, *, remove: bool = False,
+              token: str | None = None, registry_home=None) -> dict:
+    """Point the tag ALIAS at vN's commit, or remove it. First the alias table in the head's
+    adapterhub.json is committed (on the head read, 412: again), so the head changes and every
+    machine's refs cache sees the move (refs_cache.py); then the tag is moved (delete, create)
+    until it agrees with the table at the head: when several people move one alias at once,
+    the last table committed wins and every one of them leaves the tag pointing where it says."""
+    from ..paths import registry_home as home
 
     validate_repo_id(repo_id)
     check_alias(alias)
@@ -205,37 +281,28 @@ def set_alias(repo_id: str, alias: str, version: str | None, *, remove: bool = F
     if not tok:
         raise NoToken(ep)
     api = client(tok)
-    refs = read_refs(api, repo_id, ep)
-    was = refs.aliases.get(alias)
-    was_v = refs.version_of(was) if was else None
-    if remove:
-        if was is None:
-            raise HubError(f"{repo_id} has no alias {alias!r}",
-                           f"aliases: {', '.join(sorted(refs.aliases)) or 'none'}")
-        with hub_errors(f"deleting tag {alias}", repo_id, ep):
-            api.delete_tag(repo_id, tag=alias)
-        return {"repo_id": repo_id, "alias": alias, "removed": True, "was": was_v and version_tag(was_v)}
-    commit = refs.versions.get(n)
-    if commit is None:
-        raise HubError(f"{repo_id} has no version {version_tag(n)}",
-                       f"latest is {version_tag(refs.latest)}" if refs.latest else "push a version first")
-    for _ in range(MAX_ATTEMPTS):
-        if refs.aliases.get(alias) == commit:
+    cache = ProvenanceCache(home(registry_home))
+    refs, was = _commit_alias_table(api, repo_id, ep, cache, tok, alias, n, remove)
+    now = None if remove else version_tag(n)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        refs, prov, fields = head_state(api, repo_id, ep, cache, tok)
+        if prov is not None:  # the table at the head says where the tag goes (ours or a later one)
+            m = ((fields or {}).get("aliases") or {}).get(alias)
+            now = version_tag(m) if m is not None else None
+        target = refs.versions.get(int(now[1:])) if now else None
+        if now and target is None:
+            raise HubError(f"{repo_id}: the alias table names {now} for {alias}, and there is no tag {now}")
+        if refs.aliases.get(alias) == target:
             break
-        if alias in refs.aliases:
-            with hub_errors(f"deleting tag {alias}", repo_id, ep):
-                try:
-                    api.delete_tag(repo_id, tag=alias)
-                except HfHubHTTPError as e:
-                    if _status(e) != 404:  # someone else deleted it first: fine
-                        raise
-        if create_tag(api, repo_id, ep, alias, commit):
-            break
-        refs = read_refs(api, repo_id, ep)  # someone re-created it meanwhile: look again
+        _move_tag(api, repo_id, ep, alias, target)
+        if attempt > 1:
+            _backoff(attempt)
     else:
         raise HubError(f"{repo_id}: could not move {alias}: others keep moving it", "run it again")
-    return {"repo_id": repo_id, "alias": alias, "version": version_tag(n), "commit_id": commit,
-            "was": was_v and version_tag(was_v), "removed": False}
+    if remove:
+        return {"repo_id": repo_id, "alias": alias, "removed": True, "was": was, "now": now}
+    return {"repo_id": repo_id, "alias": alias, "version": version_tag(n), "commit_id": refs.versions.get(n),
+            "was": was, "removed": False, "now": now}
 
 
 # -- metrics after a push --------------------------------------------------------------
