@@ -26,8 +26,9 @@ list_repo_refs, whoami, hf_hub_download and snapshot_download, with:
   the listing), ``serve`` ({path: other bytes} sent), ``truncate`` ({path: N}: the full length announced, N
   bytes sent, then the connection closed), ``tags`` ({name: commit} extra
   tags), ``stall`` ((path part, seconds) before answering), ``fail`` ((path part,
-  status)), ``redirect`` (a URL prefix every download is sent to) and ``listing`` (N
-  junk repos appended to list_models);
+  status)), ``redirect`` (a URL prefix every download is sent to), ``listing`` (N
+  junk repos appended to list_models) and ``listing_sha`` (the head every listed repo is
+  said to have: None, junk);
 - ``requests``: every request seen, so a test can assert that nothing was sent, or count.
 
 Usage::
@@ -487,7 +488,8 @@ class Handler(BaseHTTPRequestHandler):
             tags = card_tags(head, st)
             if wanted and wanted not in tags:
                 continue
-            every = {"author": repo.owner, "sha": self._cid(head.id), "private": repo.private, "tags": tags,
+            sha = st.hostile.get("listing_sha", self._cid(head.id))  # a server that says no head, or lies
+            every = {"author": repo.owner, "sha": sha, "private": repo.private, "tags": tags,
                      "lastModified": _iso(head.date), "createdAt": _iso(head.date), "downloads": 0, "likes": 0,
                      "siblings": [{"rfilename": p} for p in sorted(head.files)]}
             if expand:

@@ -72,8 +72,11 @@ def remote_list(ctx, org, where, base, sort, refresh, show_calls, token, as_json
         hint(f"skipped {p}")
     if show_calls:
         c = res.calls
-        hint(f"{c['total']} Hub requests: {c['listing_pages']} listing page(s), {c['refs_reads']} refs reads, "
-             f"{c['downloads']} downloads of adapterhub.json")
+
+        def n(k, word):
+            return f"{c[k]} {word}{'' if c[k] == 1 else 's'}"
+        hint(f"{n('total', 'Hub request')}: {n('listing_pages', 'listing page')}, {n('refs_reads', 'refs read')}, "
+             f"{n('downloads', 'download')} of adapterhub.json")
     if as_json:
         emit_json(res.rows)
         return
