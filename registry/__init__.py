@@ -14,10 +14,14 @@ Contract used by merge, trainer and hub:
     Registry.set_hub(ref, repo_id, revision, commit_id)
 
 Beyond it: list(...), set_alias / remove_alias, export, rm, gc, verify, lineage,
-merges_for, merge(id), set_merge_output, find_by_content, base_models.
+merges_for, merge(id), set_merge_output, find_by_content, base_models, and for `adapters
+sync`: record_metadata (a version without weights), find_origin, alias_sources.
+A version's ``weights`` is "present" or "metadata" (recorded by sync, not downloaded):
+adapter_path and export raise WeightsNotDownloaded for the latter.
 """
 
 from .blobs import BlobCorrupt, sha256_file
+from .common import WeightsNotDownloaded
 from .core import PROVENANCE_NAME, Registry, open_registry
 from .query import BadQuery, parse_pairs, parse_where
 from .records import VersionRecord
@@ -28,6 +32,7 @@ __all__ = [
            "BlobCorrupt",
            "Registry",
            "VersionRecord",
+           "WeightsNotDownloaded",
            "open_registry",
            "parse_pairs",
            "parse_where",

@@ -44,18 +44,30 @@ def metric_history(self, ref, key: str | None = None) -> list[dict]:
     return self._q(sql + " ORDER BY id", params)
 
 
-def set_alias(self, ref, alias: str) -> tuple:
-    """Point ``name:alias`` at the version ``ref`` (atomically); returns (record, previous ref or None)."""
+def set_alias(self, ref, alias: str, *, source: str | None = None) -> tuple:
+    """Point ``name:alias`` at the version ``ref`` (atomically); returns (record, previous ref or None).
+
+    ``source``: the Hub repo (``ORG/NAME``) the alias was taken from by `adapters sync`;
+    None (every alias a user sets) marks it as set here, which sync never moves."""
     check_name(alias, "alias")
     rec = self.resolve(ref)
     with self._write() as conn:
         adapter_id = conn.execute("SELECT adapter_id FROM versions WHERE id = ?", (rec.id,)).fetchone()[0]
         prev = conn.execute("SELECT v.version FROM aliases a JOIN versions v ON v.id = a.version_id "
                             "WHERE a.adapter_id = ? AND a.alias = ?", (adapter_id, alias)).fetchone()
-        conn.execute("INSERT INTO aliases (adapter_id, alias, version_id, updated_at) VALUES (?, ?, ?, ?) "
+        conn.execute("INSERT INTO aliases (adapter_id, alias, version_id, updated_at, source) VALUES (?, ?, ?, ?, ?) "
                      "ON CONFLICT(adapter_id, alias) DO UPDATE SET version_id = excluded.version_id, "
-                     "updated_at = excluded.updated_at", (adapter_id, alias, rec.id, now()))
+                     "updated_at = excluded.updated_at, source = excluded.source",
+                     (adapter_id, alias, rec.id, now(), source))
     return self.get(rec.id), (f"{rec.name}@{prev[0]}" if prev else None)
+
+
+def alias_sources(self, name: str) -> dict[str, dict]:
+    """{alias: {"ref", "version_id", "source"}} of adapter ``name``; source None: set here."""
+    rows = self._q("SELECT a.alias, a.version_id, a.source, v.version FROM aliases a JOIN adapters d "
+                   "ON d.id = a.adapter_id JOIN versions v ON v.id = a.version_id WHERE d.name = ?", (name,))
+    return {r["alias"]: {"ref": f"{name}@{r['version']}", "version_id": r["version_id"], "source": r["source"]}
+            for r in rows}
 
 
 def remove_alias(self, name: str, alias: str) -> str:

@@ -23,6 +23,23 @@ FP_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+class WeightsNotDownloaded(AdapterHubError):
+    """A version recorded from its Hub repo's metadata (`adapters sync`) whose weights are not
+    here: anything that needs the weights (export, merge, inspect, eval, push...) stops here."""
+
+    def __init__(self, rec):
+        o = getattr(rec, "origin", None) or {}
+        self.ref = rec.ref
+        self.source = f"{o['repo_id']}@{o.get('version') or o['commit_id']}" if o.get("repo_id") else None
+        where = f", from {self.source}" if self.source else ""
+        if self.source:
+            hint = (f"download them: `adapters pull {self.source}`, or `adapters sync "
+                    f"{o['repo_id'].split('/')[0]} --weights` for every such version")
+        else:
+            hint = "register the adapter's folder under this name to fill it in"
+        super().__init__(f"{rec.ref} has no weights here (metadata only{where})", hint)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

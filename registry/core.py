@@ -299,9 +299,10 @@ class Registry:
         return rows
 
     # -- the rest of the API lives in small modules, bound here ------------------
-    from .annotate import log_metrics, metric_history, remove_alias, set_alias, set_hub
+    from .annotate import alias_sources, log_metrics, metric_history, remove_alias, set_alias, set_hub
     from .claims import _claims_into, add_claims, set_origin
     from .lineage import lineage, merge, merges_for, record_merge, set_merge_output
+    from .metadata import find_origin, record_metadata
     from .register import _base_info, register
     from .storage import adapter_path, export, gc, rm, verify
 

@@ -36,10 +36,17 @@ class VersionRecord:
     origin: dict | None = None  # pulled from a Hub: {endpoint, repo_id, version, commit_id, pulled_at}
     claims: dict[str, float] = field(default_factory=dict)  # metrics its source claims (not measured here)
     claims_source: str | None = None
+    # "present", or "metadata": recorded by `adapters sync` from its Hub repo, weights not
+    # downloaded (no files, no blobs) until `adapters pull` or `sync --weights` fills it in
+    weights: str = "present"
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def has_weights(self) -> bool:
+        return self.weights == "present"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -85,5 +92,5 @@ def record_from_row(row: dict, files: list[dict] | None = None) -> VersionRecord
         size=row["size"], created_at=row["created_at"], tags=loads(row["tags"], {}),
         note=row["note"], provenance=loads(row["provenance"], {}),
         content_sha256=row["content_sha256"], base_model=row["base_model"],
-        num_parameters=row["num_parameters"],
+        num_parameters=row["num_parameters"], weights=row.get("weights") or "present",
     )

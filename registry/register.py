@@ -118,7 +118,9 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
     """Store a PEFT folder as the next version of ``name`` (see the module docs).
 
     Registering bytes that are already a version of ``name`` returns that version with
-    ``is_new=False``; the metrics, tags and aliases given are applied to it.
+    ``is_new=False``; the metrics, tags and aliases given are applied to it. When that version
+    is metadata only (recorded by `adapters sync` with the content hash its Hub repo lists),
+    these bytes become its weights: same record, ``filled`` set on the record returned.
     """
     from ..peft_format import check_adapter
 
@@ -159,27 +161,34 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
                                       (name, stamp)).lastrowid
         else:
             adapter_id = row[0]
-        same = conn.execute("SELECT id, tags FROM versions WHERE adapter_id = ? AND content_sha256 = ? "
-                            "ORDER BY version DESC LIMIT 1", (adapter_id, content)).fetchone()
+        same = conn.execute("SELECT id, tags, weights, base_fingerprint FROM versions WHERE adapter_id = ? AND "
+                            "content_sha256 = ? ORDER BY version DESC LIMIT 1", (adapter_id, content)).fetchone()
+        filled = False
         if same is not None:
             version_id, is_new = same[0], False
             if tags:
                 merged = {**loads(same[1], {}), **tags}
                 conn.execute("UPDATE versions SET tags = ? WHERE id = ?", (dumps(merged), version_id))
+            if same[2] != "present":
+                # a metadata-only version (`adapters sync`) whose recorded content hash these bytes
+                # have: they are its weights. Same record, same ref; its base must agree.
+                if base_fp and same[3] and base_fp != same[3]:
+                    from ..errors import BaseMismatch
+
+                    raise BaseMismatch(same[3], base_fp)
+                _store_rows(self, conn, manifest, files, base_row, stamp)
+                conn.execute(
+                    "UPDATE versions SET weights = 'present', size = ?, base_fingerprint = COALESCE(base_fingerprint, "
+                    "?), base_model = ?, rank = ?, alpha = ?, targets = ?, num_parameters = ?, config = ? WHERE id = ?",
+                    (size, base_fp, adapter.base_model, cfg.get("r"), cfg.get("lora_alpha"), dumps(adapter.targets()),
+                     adapter.num_parameters(), dumps(cfg), version_id))
+                conn.executemany(
+                    "INSERT INTO version_files (version_id, filename, sha256, size) VALUES (?, ?, ?, ?)",
+                    [(version_id, rel, sha, n) for rel, (sha, n) in sorted(manifest.items())])
+                filled = True
         else:
             is_new = True
-            # gc may have removed a blob we found already present: write it again under the lock.
-            for rel, (sha, n) in manifest.items():
-                if not self.blobs.exists(sha):
-                    self.blobs.put_file(files[rel], expected=sha)
-                conn.execute("INSERT OR IGNORE INTO blobs (sha256, size, created_at) VALUES (?, ?, ?)",
-                             (sha, n, stamp))
-            if base_row is not None:
-                cols = ", ".join(base_row)
-                conn.execute(
-                    f"INSERT INTO base_models ({cols}) VALUES ({', '.join('?' * len(base_row))}) "
-                    "ON CONFLICT(fingerprint) DO UPDATE SET source = excluded.source, "
-                    "shapes = excluded.shapes, files = excluded.files", tuple(base_row.values()))
+            _store_rows(self, conn, manifest, files, base_row, stamp)
             version = conn.execute("SELECT last_version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0] + 1
             conn.execute("UPDATE adapters SET last_version = ? WHERE id = ?", (version, adapter_id))
             version_id = conn.execute(
@@ -206,4 +215,21 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
             conn.execute("INSERT INTO aliases (adapter_id, alias, version_id, updated_at) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT(adapter_id, alias) DO UPDATE SET version_id = excluded.version_id, "
                          "updated_at = excluded.updated_at", (adapter_id, alias, version_id, stamp))
-    return self.get(version_id, is_new=is_new)
+    rec = self.get(version_id, is_new=is_new)
+    rec.filled = filled  # a metadata-only version got its weights (not a dataclass field: not in to_dict)
+    return rec
+
+
+def _store_rows(self, conn, manifest: dict, files: dict, base_row: dict | None, stamp: str) -> None:
+    """The blob rows (and the base's row) a version's files need, inside the write transaction."""
+    # gc may have removed a blob we found already present: write it again under the lock.
+    for rel, (sha, n) in manifest.items():
+        if not self.blobs.exists(sha):
+            self.blobs.put_file(files[rel], expected=sha)
+        conn.execute("INSERT OR IGNORE INTO blobs (sha256, size, created_at) VALUES (?, ?, ?)", (sha, n, stamp))
+    if base_row is not None:
+        cols = ", ".join(base_row)
+        conn.execute(
+            f"INSERT INTO base_models ({cols}) VALUES ({', '.join('?' * len(base_row))}) "
+            "ON CONFLICT(fingerprint) DO UPDATE SET source = excluded.source, "
+            "shapes = excluded.shapes, files = excluded.files", tuple(base_row.values()))

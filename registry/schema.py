@@ -236,6 +236,21 @@ def m003_hub_origins_and_claims(db) -> None:
     """)
 
 
+@migrations()
+def m004_metadata_only_versions(db) -> None:
+    # `adapters sync ORG` records every version of a team namespace, weights or not: a version
+    # may exist as metadata only (no version_files rows, no blobs) until `pull` or `sync
+    # --weights` fills it in. Every row that existed before this step holds its weights.
+    # aliases.source: NULL for an alias set here; 'ORG/NAME' for one sync took from that Hub
+    # repo (sync moves those when the team moves them, never one set here).
+    _run(db, """
+    ALTER TABLE versions ADD COLUMN weights TEXT NOT NULL DEFAULT 'present'
+        CHECK (weights IN ('present', 'metadata'));
+    CREATE INDEX versions_metadata_only ON versions(weights) WHERE weights != 'present';
+    ALTER TABLE aliases ADD COLUMN source TEXT
+    """)
+
+
 KNOWN = [fn.__name__ for fn in migrations.steps]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import RegistryError
 from .blobs import BlobCorrupt, sha256_file
-from .common import PROVENANCE_NAME, now
+from .common import PROVENANCE_NAME, WeightsNotDownloaded, now
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -26,9 +26,13 @@ def adapter_path(self, rec_or_ref) -> Path:
 
     The folder lives under ``checkouts/<content sha256>/`` in the registry home;
     its files are hard links to the (read-only) blobs, or copies where links fail.
-    Treat it as read-only; `export` gives a folder of your own.
+    Treat it as read-only; `export` gives a folder of your own. A metadata-only version
+    (recorded by `adapters sync`) raises WeightsNotDownloaded: every reader of weights goes
+    through here or `export`.
     """
     rec = self.resolve(rec_or_ref)
+    if not rec.has_weights:
+        raise WeightsNotDownloaded(rec)
     dest = self.checkouts / rec.content_sha256
     if dest.is_dir():
         ok = True
@@ -90,6 +94,8 @@ def export(self, ref, out, overwrite: bool = False) -> Path:
     from ..fsutil import atomic_dir, check_output
 
     rec = self.resolve(ref)
+    if not rec.has_weights:
+        raise WeightsNotDownloaded(rec)
     out = Path(out).expanduser()
     check_output(out, registry_homes=[self.home])
     if out.exists() and not overwrite:
@@ -194,7 +200,8 @@ def verify(self, ref=None) -> dict:
     Returns {"ok": bool, "problems": [...], "orphans": [...], ...}. Problems are rows
     pointing at missing or altered blobs, or a damaged database; orphans (blobs no
     row uses, temp files of dead writers) are reported but are not problems: `gc`
-    removes them.
+    removes them. Metadata-only versions (`adapters sync` without --weights) have no files
+    to check: they are listed under ``metadata_only``, not as problems.
     """
     problems: list[dict] = []
     orphans: list[str] = []
@@ -207,8 +214,11 @@ def verify(self, ref=None) -> dict:
         rows = self._q("SELECT v.name, v.version, f.filename, f.sha256, f.size FROM version_files f "
                        "JOIN versions v ON v.id = f.version_id ORDER BY v.name, v.version, f.filename")
         versions = self._one("SELECT count(*) AS n FROM versions")["n"]
+        metadata_only = [f"{r['name']}@{r['version']}" for r in self._q(
+            "SELECT name, version FROM versions WHERE weights != 'present' ORDER BY name, version")]
     else:
         rec = self.resolve(ref)
+        metadata_only = [] if rec.has_weights else [rec.ref]
         rows = [{"name": rec.name, "version": rec.version, "filename": fn, "sha256": sha,
                  "size": rec.file_sizes.get(fn)} for fn, sha in rec.files.items()]
         versions = 1
@@ -242,7 +252,7 @@ def verify(self, ref=None) -> dict:
             orphans.append(str(on_disk[sha]))
         orphans += [str(t) for t in self.blobs.stale_temps()]
     return {"ok": not problems, "versions": versions, "files": len(rows), "blobs": len(checked),
-            "bytes_hashed": nbytes, "problems": problems, "orphans": orphans}
+            "bytes_hashed": nbytes, "problems": problems, "orphans": orphans, "metadata_only": metadata_only}
 
 
 __all__ = ["RegistryError", "adapter_path", "export", "gc", "provenance", "rm", "verify"]

@@ -259,9 +259,12 @@ def test_sync_pulls_versions_and_aliases_and_names_what_is_not_on_the_hub(env, m
     ok("register", str(models["a3"]), "--name", "local-only")
     res = js("sync", org)
     assert res["missing"] == [f"{repo}@v1", f"{repo}@v2"] and res["pulled"] == []
+    # metadata-only records (tests/test_team_sync.py) take the team's aliases at once
+    assert res["aliases_set"] == ["s:prod -> s@1"] and res["metadata_only"] == ["s@1", "s@2"]
     assert res["not_on_hub"] == ["local-only@1"]
     res = js("sync", org, "--weights")
-    assert [p["tag"] for p in res["pulled"]] == ["v1", "v2"] and res["aliases_set"] == ["s:prod -> s@1"]
+    assert [p["tag"] for p in res["pulled"]] == ["v1", "v2"] and res["aliases_set"] == []
+    assert all(p["filled"] for p in res["pulled"]) and res["metadata_only"] == []
     assert js("show", "s:prod")["origin"]["version"] == "v1"
     again = js("sync", org, "--weights")
     assert again["missing"] == [] and again["pulled"] == [] and again["aliases_set"] == []

@@ -134,6 +134,8 @@ def pull(ctx, spec, name, base, token, force, as_json):
     check passes. @vN pulls a team version, :ALIAS the version an alias points
     at now (the record keeps vN). Metrics that come along are the repo's
     claims: `show` prints them apart, `list` ranks by them only with --claims.
+    A version `adapters sync` recorded as metadata only gets its weights (the
+    same record and ref), once they match the hashes it recorded.
 
     \b
     Examples:
@@ -152,7 +154,9 @@ def pull(ctx, spec, name, base, token, force, as_json):
     src = f"{res.repo_id}@{res.revision} (commit {res.commit_id[:12]})"
     if res.alias:
         src = f"{res.repo_id}:{res.alias} = {res.revision} (commit {res.commit_id[:12]})"
-    if res.is_new:
+    if res.filled:
+        echo(f"filled in {rec.ref}: the weights of {src}, checked against the metadata `adapters sync` recorded")
+    elif res.is_new:
         echo(f"pulled {src} -> {rec.ref}  rank {rec.rank}  base "
                    f"{(rec.base_fingerprint or '-').split(':', 1)[-1][:12]}")
     else:

@@ -133,9 +133,12 @@ def list_cmd(ctx, name, base, alias, where, sort, limit, latest, claims, as_json
         row = {"name": r.name, "version": r.version, "aliases": ",".join(r.aliases) or "-",
                "base": _short_fp(r.base_fingerprint), "rank": r.rank}
         row.update({k: r.metrics.get(k, f"{fmt(r.claims[k])}*" if k in r.claims else None) for k in cols})
-        row.update({"size": human_bytes(r.size), "created": _when(r.created_at)})
+        row.update({"size": human_bytes(r.size) if r.has_weights else "no weights", "created": _when(r.created_at)})
         rows.append(row)
     echo(table(rows))
+    if any(not r.has_weights for r in recs):
+        hint("no weights: metadata only, recorded by `adapters sync`; `adapters pull ORG/NAME@vN` (see `adapters "
+             "show`) or `adapters sync ORG --weights` downloads them")
     if any(k in r.claims and k not in r.metrics for r in recs for k in cols):
         hint("* claimed by the Hub repo it was pulled from, not measured here" +
              ("" if claims else " (not used by --where/--sort; --claims uses them)"))
@@ -177,10 +180,14 @@ def show(ctx, ref, history, as_json):
         ["ref", rec.ref], ["aliases", ", ".join(rec.aliases) or "-"], ["created", _when(rec.created_at)],
         ["base fingerprint", rec.base_fingerprint or "-"],
         ["base model", (base or {}).get("name_or_path") or rec.base_model or "-"],
-        ["rank", rec.rank], ["alpha", rec.alpha], ["rslora", bool(cfg.get("use_rslora"))],
+        ["rank", rec.rank], ["alpha", rec.alpha], ["rslora", bool(cfg.get("use_rslora")) if cfg else "-"],
         ["targets", ", ".join(rec.targets)], ["parameters", f"{rec.num_parameters or 0:,}"],
-        ["size", human_bytes(rec.size)], ["content sha256", rec.content_sha256],
+        ["size", human_bytes(rec.size) if rec.has_weights else "-"], ["content sha256", rec.content_sha256],
     ]
+    if not rec.has_weights:
+        o = rec.origin or {}
+        src = f" (metadata from {o['repo_id']}@{o['version'] or o['commit_id'][:12]})" if o else ""
+        rows.insert(0, ["weights", f"not downloaded{src}"])
     if base:
         rows.insert(5, ["base", f"{base.get('architecture') or '-'}, {base.get('dtype') or '-'}, "
                                 f"{base.get('num_parameters') or 0:,} params"])
@@ -214,9 +221,18 @@ def show(ctx, ref, history, as_json):
             ins = ", ".join(f"{i['ref']}" + (f"×{fmt(i['weight'])}" if i["weight"] is not None else "")
                             for i in m["inputs"])
             echo(f"\n{title} merge #{m['id']}: {m['method']}({ins}) -> {m['output_version'] or m['output']}")
+    _show_files(rec)
+
+
+def _show_files(rec) -> None:
+    if not rec.has_weights:
+        listed = rec.provenance.get("files") if isinstance(rec.provenance.get("files"), dict) else {}
+        echo("\nfiles (as its Hub repo lists them; not downloaded)")
+        echo(table([[fn, "-", sha] for fn, sha in sorted(listed.items())], ["file", "size", "sha256"]))
+        return
     echo("\nfiles")
     echo(table([[fn, human_bytes(rec.file_sizes.get(fn)), sha] for fn, sha in rec.files.items()],
-                     ["file", "size", "sha256"]))
+               ["file", "size", "sha256"]))
 
 
 @click.command()
@@ -382,6 +398,8 @@ def verify(ctx, ref, as_json):
             echo(f"PROBLEM {p.get('ref') or ''} {p.get('file') or ''}: {p['problem']}".replace("  ", " "))
         for o in report["orphans"]:
             echo(f"orphan {o}")
+        for m in report["metadata_only"]:
+            echo(f"metadata only {m}: no weights here to check (`adapters pull` downloads them)")
         echo(f"{'ok' if report['ok'] else 'FAILED'}: {report['versions']} version(s), {report['files']} "
                    f"file(s), {report['blobs']} blob(s), {human_bytes(report['bytes_hashed'])} re-hashed, "
                    f"{len(report['problems'])} problem(s), {len(report['orphans'])} orphan(s)")

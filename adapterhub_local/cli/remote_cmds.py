@@ -143,23 +143,33 @@ def remote_alias(ctx, repo_id, alias, version, remove, token, as_json):
 
 @click.command()
 @click.argument("org", metavar="ORG")
-@click.option("--weights", is_flag=True, help="Also download and register every version this registry lacks.")
+@click.option("--weights", is_flag=True, help="Also download the weights of every version this registry lacks "
+              "them for (as `adapters pull ORG/NAME@vN`; a metadata-only record is filled in, same ref).")
 @click.option("--token", metavar="T", help="Hub token (default: $HF_TOKEN).")
 @json_option
 @click.pass_context
 def sync(ctx, org, weights, token, as_json):
     """Bring the team namespace ORG into this registry, and say what is not on the Hub.
 
-    Reads every version and alias (their adapterhub.json is cached by commit);
-    with --weights registers every version this registry lacks (as `adapters
-    pull ORG/NAME@vN`), and takes the team's aliases this registry lacks. A
-    version commit that a crashed push left untagged is tagged (when the token
-    may write). Local versions never pushed to ORG are listed.
+    Every version of ORG this registry lacks becomes a local record of its
+    own (named after its repo, like `adapters pull`): metadata only, from
+    the version's adapterhub.json (version vN, commit, base fingerprint,
+    rank, targets, lineage, metrics as the repo's claims). `list` and `show`
+    mark it; commands that need weights (export, merge, push, eval...) refuse
+    it until `adapters pull ORG/NAME@vN` or `sync --weights` fills in its
+    weights, checked against the hashes recorded. The team's aliases come
+    along: a local alias is set when the name has none of that name, and
+    moved or removed when the team moves or removes it, but only if sync set
+    it; one set here with `adapters alias` stays (reported). A version commit
+    a crashed push left untagged is tagged (when the token may write). A
+    version that fails a check is named on stderr; the others come in.
+    Running it again changes nothing.
 
     \b
     Examples:
-      adapters sync my-team
-      adapters sync my-team --weights
+      adapters sync my-team                 # metadata of every version, and aliases
+      adapters sync my-team --weights       # the weights too
+      adapters sync my-team --json | jq .metadata_only
     """
     from ..hub.sync import sync as do_sync
 
@@ -173,12 +183,21 @@ def sync(ctx, org, weights, token, as_json):
     echo(f"{org}: {res['versions']} versions on the Hub, {len(res['missing'])} not in this registry")
     for r in res["repaired"]:
         echo(f"tagged {r} (a push had left it untagged)")
+    for r in res["recorded"]:
+        what = "(metadata only)" if r["is_new"] else "(the same files were here already)"
+        echo(f"recorded {r['repo']}@{r['tag']} -> {r['ref']} {what}")
     for p in res["pulled"]:
-        echo(f"pulled {p['repo']}@{p['tag']} -> {p['ref']}")
+        echo(f"pulled {p['repo']}@{p['tag']} -> {p['ref']}" + (" (weights filled in)" if p["filled"] else ""))
     for a in res["aliases_set"]:
         echo(f"alias {a}")
-    if res["missing"] and not weights:
-        echo(table([[m] for m in res["missing"]], ["missing here (sync --weights pulls them)"]))
+    for a in res["aliases_removed"]:
+        echo(f"alias removed {a}")
+    for a in res["aliases_kept"]:
+        echo(f"alias {a}")
+    if res["metadata_only"]:
+        n = len(res["metadata_only"])
+        hint(f"{n} version{'s' if n > 1 else ''} here without weights (metadata only); `adapters sync {org} "
+             "--weights` downloads them, `adapters pull ORG/NAME@vN` one")
     if res["not_on_hub"]:
         echo(table([[r] for r in res["not_on_hub"]], [f"local, not pushed to {org}"]))
 

@@ -50,6 +50,7 @@ class PullResult:
     provenance: dict | None = None
     version: int | None = None  # vN when the revision was a version tag or an alias of one
     alias: str | None = None
+    filled: bool = False  # the weights of a metadata-only version (`adapters sync`): same record
     claims: dict[str, float] = field(default_factory=dict)
     parents_linked: list[str] = field(default_factory=list)
     parents_missing: list[str] = field(default_factory=list)
@@ -65,7 +66,7 @@ class PullResult:
             "parents_linked": self.parents_linked, "parents_missing": self.parents_missing,
             "has_provenance": self.provenance is not None, "warnings": self.warnings,
             "hub_version": f"v{self.version}" if self.version else None, "alias": self.alias,
-            "claimed_metrics": self.claims,
+            "claimed_metrics": self.claims, "filled": self.filled,
         }
 
 
@@ -200,6 +201,35 @@ def _claims(api, ep, repo_id, prov, version, refs, token, registry_home, warning
     return claims
 
 
+def metadata_version(reg, ep: str, repo_id: str, commit: str, tag: str | None):
+    """The metadata-only version (`adapters sync`) recorded from this commit of the repo, or
+    None; a version tag whose metadata was recorded from another commit stops the pull."""
+    for rec in reg.find_origin(ep, repo_id, commit_id=commit, version=tag):
+        if rec.has_weights:
+            continue
+        recorded = rec.origin["commit_id"]
+        if recorded != commit:
+            raise HubError(f"{repo_id}@{tag} is commit {commit[:12]} on the Hub now, but {rec.ref} was recorded "
+                           f"here from commit {recorded[:12]}", "the version tag was moved; nothing was changed")
+        return rec
+    return None
+
+
+def check_fill(meta, hashes: dict[str, str], base_fp: str | None, repo_id: str, commit: str) -> None:
+    """The downloaded files must be the ones whose hashes the metadata-only version recorded
+    (its content hash), on the base it recorded; else one line and nothing changes."""
+    from ..registry.core import content_hash
+
+    got = content_hash({f: (hashes.get(f, ""), 0) for f in ADAPTER_FILES})
+    if got != meta.content_sha256:
+        raise HubError(f"{repo_id}@{commit[:12]}: the files downloaded are not the ones recorded for {meta.ref} "
+                       f"(content {got[:12]}…, recorded {meta.content_sha256[:12]}…)",
+                       "the repo or the server changed what this commit holds; nothing was changed")
+    if base_fp and meta.base_fingerprint and base_fp != meta.base_fingerprint:
+        raise HubError(f"{repo_id}@{commit[:12]}: base {base_fp[:19]}… but {meta.ref} recorded "
+                       f"{meta.base_fingerprint[:19]}…", "nothing was changed")
+
+
 def default_name(repo_id: str) -> str:
     return repo_id.split("/", 1)[1]
 
@@ -251,6 +281,7 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
     from ..registry.core import check_name
 
     repo_id, revision, alias = parse_spec(spec)
+    asked_name = name
     name = check_name(name or default_name(repo_id))  # before any download
     base_dir = Path(base).expanduser() if base is not None else None
     if base_dir is not None and not base_dir.is_dir():
@@ -333,6 +364,10 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         from ..registry import open_registry
 
         reg = open_registry(home(registry_home))
+        meta = metadata_version(reg, ep, repo_id, commit, revision if version else None)
+        if meta is not None and asked_name in (None, meta.name):
+            check_fill(meta, hashes, prov_fp, repo_id, commit)  # register below fills it: same record
+            name = meta.name
         lineage = (prov or {}).get("lineage") or {}
         linked, missing = [], []
         parents = lineage.get("parents") if isinstance(lineage.get("parents"), list) else []
@@ -374,5 +409,5 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         shutil.rmtree(work, ignore_errors=True)
     return PullResult(repo_id=repo_id, revision=revision or "main", commit_id=commit, endpoint=ep, record=rec,
                       is_new=bool(getattr(rec, "is_new", True)), provenance=prov, version=version, alias=alias,
-                      claims=claims, parents_linked=linked,
+                      filled=bool(getattr(rec, "filled", False)), claims=claims, parents_linked=linked,
                       parents_missing=missing, warnings=result_warnings)

@@ -1,0 +1,320 @@
+# ruff: noqa: F811  (env, hub and models are pytest fixtures imported from test_team)
+"""`adapters sync ORG` (issue 15, item 6): metadata always, weights with --weights.
+
+Machine A pushes; machine B (another registry home) syncs: every version it lacks becomes a
+metadata-only record (version, commit, base fingerprint, rank, targets, claimed metrics,
+the team's aliases) that every command needing weights refuses in one line, until `pull`
+(or `sync --weights`) fills in its weights in the same record. Also: the schema step that
+lets a version exist without blobs, applied to an existing registry by several processes
+at once."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_hub import BOB, fails, ok
+from test_team import ORG, env, hub, js, machine, models  # noqa: F401  (fixtures and helpers)
+
+_ORGS = itertools.count(1)
+
+
+def use_org(env, org: str) -> str:
+    env.state.orgs["alice"] = [ORG, org]
+    return org
+
+
+def hint_of(repo: str, tag: str) -> str:
+    return f"adapters pull {repo}@{tag}"
+
+
+@pytest.fixture
+def pushed(env, models, tmp_path, monkeypatch):
+    """Machine A pushed two versions of sync/support-lora, alias prod -> v1, and logged a metric
+    on v1 after the push; returns what B should see."""
+    org = use_org(env, f"sync{next(_ORGS)}")  # one namespace per test: the test Hub lives for the module
+    repo = f"{org}/support-lora"
+    machine(monkeypatch, tmp_path, "A")
+    base = str(models["base"])
+    ok("register", str(models["a1"]), "--name", "support", "--base", base, "--metric", "eval_loss=1.5")
+    ok("register", str(models["a2"]), "--name", "support", "--base", base, "--metric", "eval_loss=1.2")
+    p1, p2 = js("push", "support@1", repo), js("push", "support@2", repo)
+    ok("remote", "alias", repo, "prod", "v1")
+    ok("log-metric", "support@1", "win_rate=0.6", "--push")
+    a1 = js("show", "support@1")
+    return {"org": org, "repo": repo, "c1": p1["commit_id"], "c2": p2["commit_id"], "a1": a1}
+
+
+def test_sync_records_metadata_only_and_pull_fills_the_same_record(env, models, pushed, tmp_path, monkeypatch,
+                                                                  capsys):
+    org, repo, a1 = pushed["org"], pushed["repo"], pushed["a1"]
+    machine(monkeypatch, tmp_path, "B")
+    res = js("sync", org)
+    assert res["missing"] == [f"{repo}@v1", f"{repo}@v2"] and res["pulled"] == [] and res["problems"] == []
+    assert [(r["tag"], r["ref"], r["is_new"]) for r in res["recorded"]] == [
+        ("v1", "support-lora@1", True), ("v2", "support-lora@2", True)]
+    assert res["aliases_set"] == ["support-lora:prod -> support-lora@1"]
+    assert res["metadata_only"] == ["support-lora@1", "support-lora@2"]
+
+    v1 = js("show", "support-lora@1")
+    assert v1["weights"] == "metadata" and v1["files"] == {} and v1["size"] == 0
+    assert v1["origin"]["repo_id"] == repo and v1["origin"]["version"] == "v1"
+    assert v1["origin"]["commit_id"] == pushed["c1"] and v1["hub"][0]["revision"] == "v1"
+    assert v1["base_fingerprint"] == a1["base_fingerprint"] and v1["rank"] == a1["rank"] == 4
+    assert v1["targets"] == a1["targets"] and v1["alpha"] == a1["alpha"]
+    assert v1["metrics"] == {} and v1["claims"] == {"eval_loss": 1.5, "win_rate": 0.6}
+    assert v1["aliases"] == ["prod"] and js("show", "support-lora@2")["claims"] == {"eval_loss": 1.2}
+    # the content hash a pull must match: adapterhub.json's file hashes, which are A's files
+    assert v1["provenance"]["files"] == {k: a1["files"][k] for k in ("adapter_config.json",
+                                                                     "adapter_model.safetensors")}
+
+    listed = js("list")
+    assert [(r["ref"], r["weights"]) for r in listed] == [("support-lora@2", "metadata"),
+                                                          ("support-lora@1", "metadata")]
+    table = ok("list")
+    assert table.count("no weights") == 2
+    shown = ok("show", "support-lora:prod")
+    assert f"not downloaded (metadata from {repo}@v1)" in shown and "support-lora@1" in shown
+    assert "not downloaded" in shown.split("files")[-1] or "files (as its Hub repo lists them" in shown
+
+    # every command that needs the weights: one line naming what to run
+    out = tmp_path / "out"
+    base, data = str(models["base"]), tmp_path / "d.jsonl"
+    data.write_text('{"text": "w1 w2"}\n')
+    for args in (["export", "support-lora@1", str(out)],
+                 ["merge", base, "support-lora@1", "--out", str(out)],
+                 ["merge", str(models["a1"]), "support-lora:prod", "--into-adapter", "--method", "cat",
+                  "--out", str(out)],
+                 ["stack", str(models["a1"]), "support-lora@1", "--out", str(out)],
+                 ["interpolate", str(models["a1"]), "support-lora@1", "--t", "0.5", "--out", str(out)],
+                 ["push", "support-lora@1", f"{org}/elsewhere"],
+                 ["check", "support-lora@1", "--for", "vllm"],
+                 ["convert", "support-lora@1", "--for", "vllm", "--out", str(out)],
+                 ["eval", "support-lora@1", "--base", base, "--data", str(data)],
+                 ["sweep", "support-lora@1", str(models["a1"]), "--base", base, "--data-a", str(data),
+                  "--data-b", str(data)]):
+        line = fails(capsys, *args)
+        assert "support-lora@1 has no weights here (metadata only" in line, (args, line)
+        assert hint_of(repo, "v1") in line and f"adapters sync {org} --weights" in line, (args, line)
+        assert not out.exists()
+    assert "elsewhere" not in str(env.state.repos.keys())  # push sent nothing
+    # verify and gc know them: not a problem, nothing to collect
+    text = ok("verify")
+    assert "metadata only support-lora@1" in text and text.strip().endswith("0 orphan(s)")
+    assert js("verify", "support-lora@1")["metadata_only"] == ["support-lora@1"]
+    assert js("gc")["blobs_removed"] == 0
+
+    # a second sync changes nothing
+    before = js("list")
+    again = js("sync", org)
+    assert again["missing"] == [] and again["recorded"] == [] and again["aliases_set"] == []
+    assert again["aliases_removed"] == [] and again["aliases_kept"] == []
+    assert js("list") == before
+
+    # pull fills in v1's weights: the same record, the bytes A pushed
+    pulled = js("pull", f"{repo}@v1")
+    assert pulled["filled"] and pulled["ref"] == "support-lora@1" and not pulled["is_new"]
+    assert "filled in support-lora@2: the weights of" in ok("pull", f"{repo}@v2")
+    after = js("list")
+    assert [(r["ref"], r["weights"]) for r in after] == [("support-lora@2", "present"),
+                                                         ("support-lora@1", "present")]
+    v1 = js("show", "support-lora@1")
+    assert v1["files"] == {k: a1["files"][k] for k in ("adapter_config.json", "adapter_model.safetensors")}
+    assert v1["claims"] == {"eval_loss": 1.5, "win_rate": 0.6} and v1["aliases"] == ["prod"]
+    ok("export", "support-lora:prod", str(out))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (models["a1"] / name).read_bytes()
+    assert js("verify")["metadata_only"] == [] and js("verify")["ok"]
+    assert js("sync", org)["recorded"] == []
+
+
+def test_sync_weights_pulls_all_and_fills_what_was_metadata(env, models, pushed, tmp_path, monkeypatch):
+    org, repo = pushed["org"], pushed["repo"]
+    machine(monkeypatch, tmp_path, "B")
+    ok("register", str(models["a3"]), "--name", "local-only")
+    assert [r["tag"] for r in js("sync", org)["recorded"]] == ["v1", "v2"]
+    ok("pull", f"{repo}@v1")
+    res = js("sync", org, "--weights")
+    assert [(p["tag"], p["ref"], p["filled"]) for p in res["pulled"]] == [("v2", "support-lora@2", True)]
+    assert res["metadata_only"] == [] and res["not_on_hub"] == ["local-only@1"]
+    assert sorted(r["ref"] for r in js("list")) == ["local-only@1", "support-lora@1", "support-lora@2"]
+    out = tmp_path / "v2"
+    ok("export", "support-lora@2", str(out))
+    assert (out / "adapter_model.safetensors").read_bytes() == env.files(repo, "v2")["adapter_model.safetensors"]
+    assert js("sync", org, "--weights")["pulled"] == []
+
+    # a third machine: --weights straight away registers both with their weights
+    machine(monkeypatch, tmp_path, "C")
+    res = js("sync", org, "--weights")
+    assert [(p["tag"], p["is_new"], p["filled"]) for p in res["pulled"]] == [("v1", True, False),
+                                                                              ("v2", True, False)]
+    assert [r["weights"] for r in js("list")] == ["present", "present"]
+    assert js("show", "support-lora:prod")["version"] == 1
+
+
+def test_aliases_follow_the_team_but_never_move_one_set_here(env, models, pushed, tmp_path, monkeypatch, capsys):
+    org, repo = pushed["org"], pushed["repo"]
+    machine(monkeypatch, tmp_path, "B")
+    ok("remote", "alias", repo, "canary", "v2")
+    ok("remote", "alias", repo, "staging", "v2")
+    res = js("sync", org)
+    assert res["aliases_set"] == ["support-lora:canary -> support-lora@2", "support-lora:prod -> support-lora@1",
+                                  "support-lora:staging -> support-lora@2"]
+    ok("alias", "support-lora@1", "staging")  # set here: sync must leave it
+    ok("remote", "alias", repo, "prod", "v2")  # the team promotes v2
+    ok("remote", "alias", repo, "canary", "--rm")
+    res = js("sync", org)
+    assert res["aliases_set"] == ["support-lora:prod -> support-lora@2 (was support-lora@1)"]
+    assert res["aliases_removed"] == [f"support-lora:canary (was support-lora@2; gone from {repo})"]
+    assert res["aliases_kept"] == [f"support-lora:staging stays support-lora@1 (set here; {repo}:staging is v2 "
+                                   "= support-lora@2)"]
+    assert js("show", "support-lora:prod")["version"] == 2
+    assert js("show", "support-lora:staging")["version"] == 1
+    assert "no adapter matches 'support-lora:canary'" in fails(capsys, "show", "support-lora:canary")
+    again = js("sync", org)
+    assert again["aliases_set"] == [] and again["aliases_removed"] == [] and len(again["aliases_kept"]) == 1
+
+
+def _repo_files(env, models, prov: dict) -> dict[str, bytes]:
+    card = b"---\nlibrary_name: peft\ntags: [adapterhub-local]\n---\n"
+    return {"README.md": card, "adapterhub.json": json.dumps(prov).encode(),
+            "adapter_config.json": (models["a1"] / "adapter_config.json").read_bytes(),
+            "adapter_model.safetensors": (models["a1"] / "adapter_model.safetensors").read_bytes()}
+
+
+def test_a_hostile_adapterhub_json_creates_no_record(env, models, tmp_path, monkeypatch, capsys):
+    org = use_org(env, "sync-evil")
+    good = f"{org}/good"
+    ok("push", str(models["a1"]), good)
+    prov = json.loads(env.files(good)["adapterhub.json"])
+    assert prov["team"]["version"] == 1 and prov["files"]  # what the hostile copies start from
+    lies = {
+        "other-version": {**prov, "team": {**prov["team"], "version": 5}},
+        "no-hashes": {**prov, "files": {}},
+        "merged": {**prov, "kind": "merged_model"},
+        "bad-metric": {**prov, "metrics": {"eval_loss": "NaN!"}},
+    }
+    for name, body in lies.items():
+        env.add_tag(f"{org}/{name}", "v1", env.add_repo(f"{org}/{name}", _repo_files(env, models, body), owner=org))
+    machine(monkeypatch, tmp_path, "B")
+    # B reads with a token that may not write here: sync does not "repair" other-version's head,
+    # whose adapterhub.json claims v5 (it would tag it v5, taking it for a push that died)
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    res = js("sync", org)
+    assert [r["repo"] for r in res["recorded"]] == [good], res
+    problems = " | ".join(res["problems"])
+    assert f"{org}/other-version@v1: its adapterhub.json claims version v5" in problems
+    assert f"{org}/no-hashes@v1: adapterhub.json lists no sha256 for adapter_config.json" in problems
+    assert f"{org}/merged@v1: a merged model" in problems
+    assert f"{org}/other-version: head left untagged" in problems
+    assert f"{org}/bad-metric" in problems and len(res["problems"]) == 5
+    assert [r["ref"] for r in js("list")] == ["good@1"]
+    # the CLI names them on stderr, and --weights refuses the same ones
+    text = ok("sync", org)
+    assert "4 versions on the Hub, 3 not in this registry" in text  # the refused ones stay missing
+    # --weights refuses the same ones, but for no-hashes: a pull checks the weights against the
+    # Hub's own hashes as it downloads them, so the record's later check is not needed
+    res = js("sync", org, "--weights")
+    assert [p["ref"] for p in res["pulled"]] == ["good@1", "no-hashes@1"] and len(res["problems"]) == 4
+    assert sorted(r["ref"] for r in js("list")) == ["good@1", "no-hashes@1"]
+
+
+def test_pull_refuses_weights_that_do_not_match_the_recorded_metadata(env, models, pushed, tmp_path, monkeypatch,
+                                                                     capsys):
+    org, repo = pushed["org"], pushed["repo"]
+    machine(monkeypatch, tmp_path, "B")
+    js("sync", org)
+    before = js("list")
+    # the server rewrites what v2's commit holds (other weights, an adapterhub.json listing them)
+    st = env.state
+    with st.lock:
+        commit = st.repos[repo].commits[pushed["c2"]]
+        prov = json.loads(st.read(commit.files["adapterhub.json"].sha256))
+        other = (models["a3"] / "adapter_model.safetensors").read_bytes()
+        prov["files"]["adapter_model.safetensors"] = hashlib.sha256(other).hexdigest()
+        body = json.dumps(prov).encode()
+        commit.files["adapter_model.safetensors"] = st.entry("adapter_model.safetensors", st.store(other),
+                                                             len(other), True)
+        st.repos[repo].lfs.add(commit.files["adapter_model.safetensors"].sha256)
+        commit.files["adapterhub.json"] = st.entry("adapterhub.json", st.store(body), len(body), False)
+    line = fails(capsys, "pull", f"{repo}@v2")
+    assert "the files downloaded are not the ones recorded for support-lora@2" in line
+    assert js("list") == before  # nothing changed
+    # a version tag moved to another commit: refused too
+    env.add_tag(repo, "v1", pushed["c2"])
+    line = fails(capsys, "pull", f"{repo}@v1")
+    assert f"is commit {pushed['c2'][:12]} on the Hub now, but support-lora@1 was recorded" in line
+    assert js("list") == before
+
+
+# -- the schema step ------------------------------------------------------------------------
+
+def _downgrade_to_m003(db: Path) -> None:
+    """What a registry written before m004 looks like: no weights column, no alias source."""
+    con = sqlite3.connect(db)
+    con.executescript("DROP INDEX versions_metadata_only; ALTER TABLE versions DROP COLUMN weights; "
+                      "ALTER TABLE aliases DROP COLUMN source; "
+                      "DELETE FROM _sqlite_migrations WHERE name = 'm004_metadata_only_versions';")
+    con.commit()
+    con.close()
+
+
+def test_m004_upgrades_an_existing_registry_under_concurrent_opens(models, tmp_path):
+    home = tmp_path / "old"
+    env = {**os.environ, "ADAPTERS_HOME": str(home), "ADAPTERS_PROGRESS": "0"}
+    cli = [sys.executable, "-c", "from adapterhub_local.cli import main; main()"]
+
+    def run(*args):
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    assert run("register", str(models["a1"]), "--name", "old", "--alias", "prod").returncode == 0
+    assert run("register", str(models["a2"]), "--name", "old").returncode == 0
+    _downgrade_to_m003(home / "registry.db")
+    con = sqlite3.connect(home / "registry.db")
+    assert "weights" not in [r[1] for r in con.execute("PRAGMA table_info(versions)")]
+    con.close()
+
+    procs = [subprocess.Popen([*cli, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in (["list", "--json"], ["list", "--json"], ["show", "old:prod", "--json"],
+                          ["register", str(models["a3"]), "--name", "old"], ["verify", "--json"])]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, [o[1] for o in outs]
+    con = sqlite3.connect(home / "registry.db")
+    assert [r[0] for r in con.execute("SELECT name FROM _sqlite_migrations WHERE name LIKE 'm004%'")] == [
+        "m004_metadata_only_versions"]
+    assert con.execute("SELECT version, weights FROM versions ORDER BY version").fetchall() == [
+        (1, "present"), (2, "present"), (3, "present")]
+    assert con.execute("SELECT alias, source FROM aliases").fetchall() == [("prod", None)]
+    with pytest.raises(sqlite3.IntegrityError):  # the column only takes the two states
+        con.execute("UPDATE versions SET weights = 'half' WHERE version = 1")
+    con.close()
+    out = tmp_path / "exported"
+    assert run("export", "old@1", str(out)).returncode == 0
+    assert (out / "adapter_model.safetensors").read_bytes() == (models["a1"] / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_foreign_database_is_still_left_alone(tmp_path):
+    """m004 runs after schema.check_ours: another application's db with a versions table is
+    refused as before, byte for byte untouched."""
+    home = tmp_path / "foreign"
+    home.mkdir()
+    db = home / "registry.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE versions (id INTEGER PRIMARY KEY, name TEXT)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    from adapterhub_local.registry import open_registry
+
+    from adapterhub_local.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="not an adapterhub-local registry"):
+        open_registry(home)
+    assert db.read_bytes() == before
