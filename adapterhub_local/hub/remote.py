@@ -247,10 +247,11 @@ class Namespace:
 def list_namespace(org: str, ep: str, token: str | None, tag: str) -> Namespace:
     """Repos of ``org`` carrying our card tag (plain PEFT repos are left out), with each one's
     head commit: ``GET /api/models?author=ORG&filter=TAG&expand=sha``, paged by the Link
-    header, as huggingface_hub's list_models sends it (hf_api.py ``list_models``: ``expand``
-    returns only the properties named, and ``sha`` is none of the default ones; ``full=True``
-    would bring every file of every repo). Our own paging, to count the pages and to never
-    follow a next page (with the token) off the endpoint's listing."""
+    header, as huggingface_hub 2.4's ``list_models`` sends it (hf_api.py 2378: ``expand``
+    returns only the properties named; 2382: ``sha`` and ``lastModified`` come with ``full``,
+    which would also bring every file of every repo; 2489-2492: ``expand`` is a list param,
+    the pages are followed by utils/_pagination.py 27-53). Our own paging, to count the pages
+    and to never follow a next page (with the token) off the endpoint's listing."""
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
     from .common import install_timeout
