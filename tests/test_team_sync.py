@@ -182,6 +182,21 @@ def test_aliases_follow_the_team_but_never_move_one_set_here(env, models, pushed
     assert again["aliases_set"] == [] and again["aliases_removed"] == [] and len(again["aliases_kept"]) == 1
 
 
+def test_register_of_the_exact_bytes_fills_a_metadata_only_version(env, models, pushed, tmp_path, monkeypatch):
+    machine(monkeypatch, tmp_path, "B")
+    js("sync", pushed["org"])
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((models["a2"] / name).read_bytes())
+    assert "filled in support-lora@2" in ok("register", str(folder), "--name", "support-lora")
+    assert [(r["ref"], r["weights"]) for r in js("list")] == [("support-lora@2", "present"),
+                                                              ("support-lora@1", "metadata")]
+    # other bytes under that name are a new version; the metadata-only one stays as it was
+    assert js("register", str(models["a3"]), "--name", "support-lora")["ref"] == "support-lora@3"
+    assert js("show", "support-lora@1")["weights"] == "metadata"
+
+
 def _repo_files(env, models, prov: dict) -> dict[str, bytes]:
     card = b"---\nlibrary_name: peft\ntags: [adapterhub-local]\n---\n"
     return {"README.md": card, "adapterhub.json": json.dumps(prov).encode(),

@@ -61,7 +61,9 @@ def register(ctx, adapter_dir, name, base_dir, base_fingerprint, metrics, tags, 
     if as_json:
         emit_json(rec.to_dict())
         return
-    if rec.is_new:
+    if getattr(rec, "filled", False):
+        echo(f"filled in {rec.ref}: these bytes are the weights its metadata (from `adapters sync`) recorded")
+    elif rec.is_new:
         echo(f"registered {rec.ref}  rank {rec.rank}  alpha {fmt(rec.alpha)}  "
                    f"targets {','.join(rec.targets)}  {human_bytes(rec.size)}  base {_short_fp(rec.base_fingerprint)}")
     else:
@@ -187,7 +189,7 @@ def show(ctx, ref, history, as_json):
     if not rec.has_weights:
         o = rec.origin or {}
         src = f" (metadata from {o['repo_id']}@{o['version'] or o['commit_id'][:12]})" if o else ""
-        rows.insert(0, ["weights", f"not downloaded{src}"])
+        rows.insert(1, ["weights", f"not downloaded{src}"])
     if base:
         rows.insert(5, ["base", f"{base.get('architecture') or '-'}, {base.get('dtype') or '-'}, "
                                 f"{base.get('num_parameters') or 0:,} params"])

@@ -5,7 +5,9 @@
       -> [check shapes and fingerprint against --base] -> registry.register -> set_hub
 
 Every check runs before the registry is touched, so a failed pull leaves nothing
-behind. The registry stores content-addressed versions: pulling the same revision
+behind. A version `adapters sync` recorded as metadata only (same repo, same commit) gets
+its weights in that same record, once the files downloaded have the content hash it
+recorded (``check_fill``). The registry stores content-addressed versions: pulling the same revision
 again registers the same bytes and makes no new version.
 """
 
