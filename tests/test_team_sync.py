@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_hub import BOB, fails, ok
+from test_hub import ALICE, BOB, fails, ok
 from test_team import ORG, env, hub, js, machine, models  # noqa: F401  (fixtures and helpers)
 
 _ORGS = itertools.count(1)
@@ -267,6 +267,28 @@ def test_pull_refuses_weights_that_do_not_match_the_recorded_metadata(env, model
     line = fails(capsys, "pull", f"{repo}@v1")
     assert f"is commit {pushed['c2'][:12]} on the Hub now, but support-lora@1 was recorded" in line
     assert js("list") == before
+
+
+def test_concurrent_syncs_into_one_registry_record_each_version_once(env, pushed, tmp_path):
+    """Three processes sync the same namespace into one fresh registry at once: each version is
+    one record (the origin is checked inside the write transaction), one alias."""
+    home = tmp_path / "shared"
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    e.update(HF_ENDPOINT=env.url, HF_TOKEN=ALICE, HF_HUB_DISABLE_XET="1", ADAPTERS_PROGRESS="0",
+             HF_HOME=str(tmp_path / "hf"), ADAPTERS_HOME=str(home))
+    code = "from adapterhub_local.cli import main; main()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "sync", pushed["org"], "--json"], env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1] for o in outs]
+    made = [r["ref"] for o in outs for r in json.loads(o[0])["recorded"] if r["is_new"]]
+    assert sorted(made) == ["support-lora@1", "support-lora@2"]  # each made by exactly one process
+    con = sqlite3.connect(home / "registry.db")
+    assert con.execute("SELECT name, version, weights FROM versions ORDER BY version").fetchall() == [
+        ("support-lora", 1, "metadata"), ("support-lora", 2, "metadata")]
+    assert con.execute("SELECT count(*) FROM hub").fetchone()[0] == 2
+    assert con.execute("SELECT alias, source FROM aliases").fetchall() == [("prod", pushed["repo"])]
+    con.close()
 
 
 # -- the schema step ------------------------------------------------------------------------
