@@ -219,8 +219,8 @@ def test_a_hostile_adapterhub_json_creates_no_record(env, models, tmp_path, monk
     for name, body in lies.items():
         env.add_tag(f"{org}/{name}", "v1", env.add_repo(f"{org}/{name}", _repo_files(env, models, body), owner=org))
     machine(monkeypatch, tmp_path, "B")
-    # B reads with a token that may not write here: sync does not "repair" other-version's head,
-    # whose adapterhub.json claims v5 (it would tag it v5, taking it for a push that died)
+    # other-version's head is tagged v1 but claims v5: sync does not "repair" it into a v5,
+    # neither with a token that may not write here (BOB) nor with the owner's (test below)
     monkeypatch.setenv("HF_TOKEN", BOB)
     res = js("sync", org)
     assert [r["repo"] for r in res["recorded"]] == [good], res
@@ -228,7 +228,7 @@ def test_a_hostile_adapterhub_json_creates_no_record(env, models, tmp_path, monk
     assert f"{org}/other-version@v1: its adapterhub.json claims version v5" in problems
     assert f"{org}/no-hashes@v1: adapterhub.json lists no sha256 for adapter_config.json" in problems
     assert f"{org}/merged@v1: a merged model" in problems
-    assert f"{org}/other-version: head left untagged" in problems
+    assert f"{org}/other-version: head claims v5, which no unfinished push leaves (latest v1); not tagged" in problems
     assert f"{org}/bad-metric" in problems and len(res["problems"]) == 5
     assert [r["ref"] for r in js("list")] == ["good@1"]
     # the CLI names them on stderr, and --weights refuses the same ones
@@ -239,6 +239,36 @@ def test_a_hostile_adapterhub_json_creates_no_record(env, models, tmp_path, monk
     res = js("sync", org, "--weights")
     assert [p["ref"] for p in res["pulled"]] == ["good@1", "no-hashes@1"] and len(res["problems"]) == 4
     assert sorted(r["ref"] for r in js("list")) == ["good@1", "no-hashes@1"]
+
+
+def test_sync_with_a_writing_token_tags_only_what_a_dying_push_leaves(env, models, tmp_path, monkeypatch):
+    """repair_head tags an untagged head only when it claims exactly the next version; a tagged
+    head claiming another number, or an untagged one jumping ahead, is never tagged."""
+    org = use_org(env, "sync-repair")
+    ok("push", str(models["a1"]), f"{org}/good")
+    prov = json.loads(env.files(f"{org}/good")["adapterhub.json"])
+
+    def claim(n: int) -> dict[str, bytes]:
+        return _repo_files(env, models, {**prov, "team": {**prov["team"], "version": n}})
+
+    tagged = env.add_repo(f"{org}/tagged-claims-v5", claim(5), owner=org)
+    env.add_tag(f"{org}/tagged-claims-v5", "v1", tagged)
+    env.add_tag(f"{org}/jump", "v1", env.add_repo(f"{org}/jump", claim(1), owner=org))
+    env.add_repo(f"{org}/jump", {**claim(9), "README.md": b"---\ntags: [adapterhub-local]\n---\nv9?\n"}, owner=org)
+    env.add_tag(f"{org}/died", "v1", env.add_repo(f"{org}/died", claim(1), owner=org))
+    died = env.add_repo(f"{org}/died", {**claim(2), "README.md": b"---\ntags: [adapterhub-local]\n---\nv2\n"},
+                        owner=org)
+    machine(monkeypatch, tmp_path, "B")
+    monkeypatch.setenv("HF_TOKEN", ALICE)  # may write to every repo of the namespace
+    res = js("sync", org)
+    assert res["repaired"] == [f"{org}/died@v2"], res
+    assert env.tags(f"{org}/died")["v2"] == died
+    assert set(env.tags(f"{org}/tagged-claims-v5")) == {"v1"} and set(env.tags(f"{org}/jump")) == {"v1"}
+    problems = " | ".join(res["problems"])
+    assert f"{org}/tagged-claims-v5: head claims v5, which no unfinished push leaves (latest v1)" in problems
+    assert f"{org}/jump: head claims v9, which no unfinished push leaves (latest v1)" in problems
+    # and a push to the jumping repo is v2, not v10: versions come from the tags
+    assert js("push", str(models["a2"]), f"{org}/jump")["version"] == 2
 
 
 def test_pull_refuses_weights_that_do_not_match_the_recorded_metadata(env, models, pushed, tmp_path, monkeypatch,

@@ -145,7 +145,7 @@ def _repair(listing, org: str, token, registry_home):
     from .team import Attempts, repair_head
 
     tok = resolve_token(token)
-    repaired = []
+    repaired, notes = [], []
     if tok:
         api, ep = client(tok), endpoint()
         for repo_id, (refs, fields) in listing.repos.items():
@@ -153,10 +153,14 @@ def _repair(listing, org: str, token, registry_home):
             try:
                 repair_head(api, repo_id, ep, refs, fields, stats)
             except HubError as e:  # a read-only token: say so, the next push repairs it
-                listing.problems.append(f"{repo_id}: head left untagged ({e})")
+                notes.append(f"{repo_id}: head left untagged ({e})")
             repaired += [f"{repo_id}@{version_tag(k)}" for k in stats.repaired]
-    if repaired:  # a repaired head is a version now: list it
+            latest = version_tag(max(refs.versions)) if refs.versions else "no version yet"
+            notes += [f"{repo_id}: head claims {version_tag(k)}, which no unfinished push leaves "
+                      f"(latest {latest}); not tagged" for k in stats.refused]
+    if repaired:  # a repaired head is a version now: list it (the re-read names its own problems)
         listing = read_namespace(org, token=token, registry_home=registry_home)
+    listing.problems += notes
     return listing, repaired
 
 

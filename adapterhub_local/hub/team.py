@@ -55,6 +55,7 @@ class Attempts:
     stale_parent: int = 0
     tag_taken: int = 0
     repaired: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)  # claims repair_head would not tag
 
 
 @dataclass
@@ -111,9 +112,17 @@ def head_state(api, repo_id: str, ep: str, cache: ProvenanceCache, token: str | 
 
 def repair_head(api, repo_id: str, ep: str, refs: RepoRefs, fields: dict | None, stats: Attempts) -> None:
     """The head claims version K but no tag vK exists: a push that died (or is about to
-    tag) between its commit and its tag. Tag it; if someone else did, fine."""
+    tag) between its commit and its tag. Tag it; if someone else did, fine.
+
+    Only what a dying push can leave is repaired: a head that carries no version tag yet and
+    claims exactly the next number (a push takes 1 + the largest tag). Any other claim (a
+    tagged head claiming another number, a gap, a jump to v99) is a hand-edited or hostile
+    adapterhub.json: nothing is tagged, and the claim is counted in ``stats.refused``."""
     k = (fields or {}).get("version")
     if k is None or k in refs.versions:
+        return
+    if refs.head in refs.versions.values() or k != max(refs.versions, default=0) + 1:
+        stats.refused.append(k)
         return
     if create_tag(api, repo_id, ep, version_tag(k), refs.head):
         refs.versions[k] = refs.head
@@ -147,7 +156,7 @@ def commit_version(api, staged: Path, repo_id: str, ep: str, token: str | None, 
         if fields and fields["files"] == ours and k in refs.versions and \
                 _holds(api, repo_id, ep, cache, token, refs.versions[k], refs.head, ours):
             return VersionResult(repo_id, k, refs.versions[k], True, stats)
-        n = max(refs.latest, k or 0) + 1
+        n = refs.latest + 1  # from the tags alone: a head's claim is not trusted (repair_head)
         head_team = (head_prov or {}).get("team") or {}
         team = {"repo_id": repo_id, "version": n, "metrics": head_team.get("metrics") or {}}
         if head_team.get("aliases"):  # the alias table travels like the metrics (refs_cache.py)
