@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,29 @@ settings.register_profile("ci", max_examples=100, deadline=None)
 settings.register_profile("long", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_SESSION_TMP: list[str] = []
+
+
+def pytest_configure(config):
+    """Temp folders (push staging, a dry run's kept folder, anything a child process makes) go
+    to one folder for the run, in this process and in those it starts, removed at the end: a
+    suite run leaves nothing in /tmp. Set once per run, not per test: changing the environment
+    between tests moves glibc's heap under test_trainer_speed's allocator test."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or _SESSION_TMP:
+        return
+    tmp = tempfile.mkdtemp(prefix="adapterhub-tests-")
+    _SESSION_TMP.append(tmp)
+    os.environ["TMPDIR"] = tmp
+    tempfile.tempdir = tmp
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for tmp in _SESSION_TMP:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
