@@ -363,3 +363,33 @@ def test_listing_pages_are_counted_and_never_followed_off_the_endpoint(env, team
             assert "sends the next page elsewhere" in line and not other.state.requests
     finally:
         env.state.page_size = 1000
+
+
+def _drop_provenance(env, repo: str) -> str:
+    """A commit on main without adapterhub.json (deleted on the Hub's web page, say)."""
+    st = env.state
+    with st.lock:
+        r = st.repos[repo]
+        base = st.resolve_rev(r, "main")
+        commit = st.new_commit(r, base, {k: v for k, v in base.files.items() if k != "adapterhub.json"},
+                               "Delete adapterhub.json")
+        r.branches["main"] = commit.id
+        return commit.id
+
+
+def test_an_alias_on_a_head_without_adapterhub_json_is_seen_by_every_machine(env, team, elsewhere):
+    """`remote alias` cannot commit an alias table where the head has no adapterhub.json: it moves
+    the tag alone, the head stays. Refs of such a head must not be cached, or another machine
+    never sees the alias (the head it keys on did not change)."""
+    r0 = team[0]
+    _drop_provenance(env, r0)
+    rows, _, _ = listing(env)
+    assert view(rows, r0) == [(r0, "v1", [])]
+    head = env.head(r0)
+    elsewhere("remote", "alias", r0, "prod", "v1")
+    assert env.head(r0) == head and env.tags(r0)["prod"] == env.tags(r0)["v1"]  # a tag, no commit
+    rows, calls, _ = listing(env)
+    assert view(rows, r0) == [(r0, "v1", ["prod"])] and refs_read(calls) == [r0]
+    elsewhere("remote", "alias", r0, "prod", "--rm")
+    rows, calls, _ = listing(env)
+    assert view(rows, r0) == [(r0, "v1", [])] and refs_read(calls) == [r0]

@@ -9,7 +9,9 @@ state it would cache without first committing a new head:
 - ``remote alias`` commits the alias table (``team.aliases``: alias -> vN) before it moves
   the tag (hub/team.py ``set_alias``).
 
-So refs are cached only when they are exactly what the head's adapterhub.json says they are:
+So refs are cached only when they are exactly what the head's adapterhub.json says they are
+(a head without one is never cached: there is no table to commit, and `remote alias` moves the
+tag alone):
 the version the head claims is tagged, every alias tag is in the head's alias table pointing
 at that version's commit (and the other way round), and there is no tag we would ignore. In
 the window between a commit and its tag the two disagree, so nothing is cached there; once
@@ -39,9 +41,9 @@ MAX_BYTES = 2 << 20  # MAX_TAGS tags of at most 128 + 40 characters fit in well 
 
 def consistent(refs: RepoRefs, head_fields: dict | None) -> bool:
     """Do the refs say exactly what the head's adapterhub.json says (see module doc)?"""
-    if refs.head is None or refs.ignored:
-        return False
-    fields = head_fields or {}
+    if refs.head is None or refs.ignored or head_fields is None:
+        return False  # no adapterhub.json at the head: `remote alias` moves a tag there without a commit
+    fields = head_fields
     k = fields.get("version")
     if k is not None and k not in refs.versions:
         return False  # a version commit whose tag is not created yet (or never will be: a crash)
