@@ -385,3 +385,18 @@ def test_a_foreign_database_is_still_left_alone(tmp_path):
     with pytest.raises(RegistryError, match="not an adapterhub-local registry"):
         open_registry(home)
     assert db.read_bytes() == before
+
+
+def test_a_metadata_only_record_keeps_no_name_with_a_trailing_newline(env, models, tmp_path, monkeypatch):
+    """What sync keeps of a Hub's strings (targets, base model) is checked whole: a trailing
+    newline ("$" matches before it) is refused like any other odd character."""
+    org = use_org(env, "sync-newline")
+    ok("push", str(models["a1"]), f"{org}/good")
+    prov = json.loads(env.files(f"{org}/good")["adapterhub.json"])
+    body = {**prov, "adapter": {**prov["adapter"], "targets": ["q_proj\n", "v_proj"]},
+            "base": {**prov["base"], "name_or_path": "acme/base\n"}}
+    env.add_tag(f"{org}/nl", "v1", env.add_repo(f"{org}/nl", _repo_files(env, models, body), owner=org))
+    machine(monkeypatch, tmp_path, "B")
+    assert [r["ref"] for r in js("sync", org)["recorded"]] == ["good@1", "nl@1"]
+    shown = js("show", "nl@1")
+    assert shown["targets"] == ["v_proj"] and shown["base_model"] is None

@@ -26,8 +26,8 @@ from .listing import read_namespace
 from .remote import VERSION_TAG, ProvenanceCache, team_fields, version_tag
 
 # what a metadata-only record keeps of a Hub's strings (shown by `list` and `show`)
-_SAFE_TARGET = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-_SAFE_BASE = re.compile(r"^[A-Za-z0-9_./:@+\-]{1,300}$")
+_SAFE_TARGET = re.compile(r"^[A-Za-z0-9_.\-]{1,200}\Z")  # \Z: "$" lets a trailing newline in
+_SAFE_BASE = re.compile(r"^[A-Za-z0-9_./:@+\-]{1,300}\Z")
 MAX_TARGETS = 1000
 
 
