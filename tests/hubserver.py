@@ -27,8 +27,9 @@ list_repo_refs, whoami, hf_hub_download and snapshot_download, with:
   bytes sent, then the connection closed), ``tags`` ({name: commit} extra
   tags), ``stall`` ((path part, seconds) before answering), ``fail`` ((path part,
   status)), ``redirect`` (a URL prefix every download is sent to), ``listing`` (N
-  junk repos appended to list_models) and ``listing_sha`` (the head every listed repo is
-  said to have: None, junk);
+  junk repos appended to list_models), ``listing_sha`` (the head every listed repo is
+  said to have: None, junk) and ``empty_pages`` (N listing pages with no repo and a next
+  link back to the same query, as a broken or hostile server could send forever);
 - ``requests``: every request seen, so a test can assert that nothing was sent, or count.
 
 Usage::
@@ -468,6 +469,10 @@ class Handler(BaseHTTPRequestHandler):
         ``cardData``; ``full`` adds ``sha``, ``lastModified``, ``author`` and the files; by
         default neither ``sha`` nor ``lastModified`` is sent, so a client must ask for them)."""
         st = self.state
+        if st.hostile.get("empty_pages"):
+            st.hostile["empty_pages"] -= 1
+            again = f'<{st.base_url}/api/models?{urlencode(query, doseq=True)}>; rel="next"'
+            return self._json(200, [], {"Link": again})
         author, wanted = query.get("author"), query.get("filter")
         with_card = query.get("cardData", "").lower() in ("1", "true")
         full = query.get("full", "").lower() in ("1", "true")

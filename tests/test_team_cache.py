@@ -365,6 +365,18 @@ def test_listing_pages_are_counted_and_never_followed_off_the_endpoint(env, team
         env.state.page_size = 1000
 
 
+def test_a_listing_that_pages_without_repos_is_refused(env, team, capsys):
+    """A next link on a page that lists no repo is no progress: a server sending those forever
+    (each one back to the same query) would never let `remote list` end. One line, no walk."""
+    from test_hub import fails
+
+    env.state.hostile = {"empty_pages": 50}
+    env.clear_requests()
+    line = fails(capsys, "remote", "list", ORG)
+    assert "a page with no repo" in line
+    assert [p for _, p in hub_calls(env)] == ["/api/models"]
+
+
 def _drop_provenance(env, repo: str) -> str:
     """A commit on main without adapterhub.json (deleted on the Hub's web page, say)."""
     st = env.state

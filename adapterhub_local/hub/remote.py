@@ -289,6 +289,9 @@ def list_namespace(org: str, ep: str, token: str | None, tag: str) -> Namespace:
                     out.heads[rid] = sha if isinstance(sha, str) and COMMIT_RE.match(sha) else None
             url = r.links.get("next", {}).get("url")
             params = None  # the next link carries the query
+            if url is not None and not page:  # no progress: a server could send these forever
+                raise HubError(f"{org}: the Hub's listing sends a page with no repo and a next page",
+                               "refusing to walk a listing that does not end")
             if url is not None and not url.startswith(f"{ep}/api/models?"):
                 raise HubError(f"{org}: the Hub's listing sends the next page elsewhere ({url[:80]!r})",
                                "refusing to follow it (and to send the token there)")
