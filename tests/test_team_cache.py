@@ -148,6 +148,28 @@ def test_alias_and_metrics_commits_are_no_new_version(env, team, models):
     assert pulled["hub_version"] == "v1" and pulled["commit_id"] == tags["v1"]
 
 
+def test_a_head_pulled_by_branch_is_vk_only_if_the_hub_lists_vks_files(env, models, capsys):
+    """A head whose adapterhub.json claims vK with the files vK's adapterhub.json lists is vK only
+    when the Hub's own file hashes at vK's commit are the head's: adapterhub.json at vK may lie
+    about its own files (then `pull @vK` refuses them), and a pull of main must not record the
+    head's bytes as vK's commit."""
+    from test_hub import fails
+
+    ok("push", str(models["a1"]), "race/liar-src")
+    prov = env.files("race/liar-src")["adapterhub.json"]  # claims v1 with a1's hashes
+    repo = "race/head-liar"
+    card = b"---\nlibrary_name: peft\ntags: [adapterhub-local]\n---\n"
+    v1 = env.add_repo(repo, {"README.md": card, "adapterhub.json": prov,
+                             "adapter_config.json": (models["a1"] / "adapter_config.json").read_bytes(),
+                             "adapter_model.safetensors": (models["a2"] / "adapter_model.safetensors").read_bytes()},
+                      owner="race")
+    env.add_tag(repo, "v1", v1)
+    head = env.add_repo(repo, {"adapter_model.safetensors": (models["a1"] / "adapter_model.safetensors").read_bytes()})
+    assert "records" in fails(capsys, "pull", f"{repo}@v1")  # v1's bytes are not what it claims
+    pulled = json.loads(ok("pull", repo, "--json"))
+    assert pulled["commit_id"] == head and pulled["hub_version"] is None and pulled["revision"] == "main"
+
+
 def test_refs_between_a_commit_and_its_tag_are_never_cached(env, team, models):
     """A push commits, then tags. A listing in between sees the head claim v2 with no tag v2:
     those refs must not be reused once the tag exists (the head does not change then)."""

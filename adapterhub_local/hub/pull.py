@@ -232,6 +232,19 @@ def check_fill(meta, hashes: dict[str, str], base_fp: str | None, repo_id: str, 
                        f"{meta.base_fingerprint[:19]}…", "nothing was changed")
 
 
+def _same_files_at(api, repo_id: str, ep: str, commit: str, siblings: dict, authed: bool) -> bool:
+    """Does the Hub list the adapter files at ``commit`` with the blob ids (and LFS sha256) it
+    lists in ``siblings``? What the Hub hashed, not what an adapterhub.json there claims."""
+    with hub_errors("repo lookup", repo_id, ep, authenticated=authed, revision=commit):
+        there = _check_siblings(api.model_info(repo_id, revision=commit, files_metadata=True), repo_id)
+
+    def ident(s):
+        return s.blob_id, s.lfs.sha256 if s.lfs is not None else None
+
+    return all(f in there and f in siblings and there[f].blob_id and ident(there[f]) == ident(siblings[f])
+               for f in ADAPTER_FILES)
+
+
 def default_name(repo_id: str) -> str:
     return repo_id.split("/", 1)[1]
 
@@ -322,7 +335,8 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         claimed = ((prov or {}).get("team") or {}).get("version")
         if version is None and claimed is not None and (revision is None or revision == "main"):
             # a team repo's head pulled by branch: when it is a tagged version, record it as one;
-            # a head that only adds metrics or the alias table over vK's files is vK (at vK's commit)
+            # a head that only adds metrics or the alias table over vK's files is vK (at vK's commit), when the
+            # Hub lists the same adapter files at vK's commit (adapterhub.json there may lie about them)
             from ..paths import registry_home as home
             from .remote import ProvenanceCache, read_refs
             from .team import _holds
@@ -330,7 +344,8 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
             refs = read_refs(api, repo_id, ep, authenticated=authed)
             tagged = refs.versions.get(claimed)
             if tagged is not None and _holds(api, repo_id, ep, ProvenanceCache(home(registry_home)), tok, tagged,
-                                             commit, prov.get("files") or {}):
+                                             commit, prov.get("files") or {}) \
+                    and _same_files_at(api, repo_id, ep, tagged, siblings, authed):
                 version, revision, commit = claimed, f"v{claimed}", tagged
         if prov is not None:
             for fname, digest in (prov.get("files") or {}).items():
