@@ -211,10 +211,10 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
             conn.execute("INSERT INTO metric_values (version_id, key, value) VALUES (?, ?, ?) "
                          "ON CONFLICT(version_id, key) DO UPDATE SET value = excluded.value",
                          (version_id, key, value))
-        for alias in aliases:
-            conn.execute("INSERT INTO aliases (adapter_id, alias, version_id, updated_at) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT(adapter_id, alias) DO UPDATE SET version_id = excluded.version_id, "
-                         "updated_at = excluded.updated_at", (adapter_id, alias, version_id, stamp))
+        for alias in aliases:  # set here (source NULL): `adapters sync` never moves it
+            conn.execute("INSERT INTO aliases (adapter_id, alias, version_id, updated_at, source) VALUES (?, ?, ?, ?, "
+                         "NULL) ON CONFLICT(adapter_id, alias) DO UPDATE SET version_id = excluded.version_id, "
+                         "updated_at = excluded.updated_at, source = NULL", (adapter_id, alias, version_id, stamp))
     rec = self.get(version_id, is_new=is_new)
     rec.filled = filled  # a metadata-only version got its weights (not a dataclass field: not in to_dict)
     return rec

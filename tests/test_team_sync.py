@@ -182,6 +182,20 @@ def test_aliases_follow_the_team_but_never_move_one_set_here(env, models, pushed
     assert again["aliases_set"] == [] and again["aliases_removed"] == [] and len(again["aliases_kept"]) == 1
 
 
+def test_an_alias_moved_here_by_register_is_set_here(env, models, pushed, tmp_path, monkeypatch):
+    """`register --alias` is an alias set here like `adapters alias`: once it moves an alias sync
+    took from the team, sync reports it and never moves it back."""
+    org, repo = pushed["org"], pushed["repo"]
+    machine(monkeypatch, tmp_path, "B")
+    assert js("sync", org)["aliases_set"] == ["support-lora:prod -> support-lora@1"]
+    assert js("register", str(models["a3"]), "--name", "support-lora", "--alias", "prod")["ref"] == "support-lora@3"
+    res = js("sync", org)
+    assert res["aliases_set"] == [] and res["aliases_removed"] == []
+    assert res["aliases_kept"] == [f"support-lora:prod stays support-lora@3 (set here; {repo}:prod is v1 "
+                                   "= support-lora@1)"]
+    assert js("show", "support-lora:prod")["version"] == 3
+
+
 def test_register_of_the_exact_bytes_fills_a_metadata_only_version(env, models, pushed, tmp_path, monkeypatch):
     machine(monkeypatch, tmp_path, "B")
     js("sync", pushed["org"])
