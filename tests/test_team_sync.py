@@ -196,6 +196,21 @@ def test_an_alias_moved_here_by_register_is_set_here(env, models, pushed, tmp_pa
     assert js("show", "support-lora:prod")["version"] == 3
 
 
+def test_a_team_tag_that_is_no_local_alias_name_is_skipped(env, models, pushed, tmp_path, monkeypatch):
+    """Tags made by other tools may be names a local alias cannot have ("latest" means the newest
+    version here, "2024" would read as a version number): sync names them and goes on."""
+    org, repo = pushed["org"], pushed["repo"]
+    env.add_tag(repo, "latest", pushed["c2"])
+    env.add_tag(repo, "2024", pushed["c1"])
+    machine(monkeypatch, tmp_path, "B")
+    res = js("sync", org)
+    assert [r["ref"] for r in res["recorded"]] == ["support-lora@1", "support-lora@2"]
+    assert res["aliases_set"] == ["support-lora:prod -> support-lora@1"]
+    problems = " | ".join(res["problems"])
+    assert f"{repo}:latest: not a local alias name" in problems and f"{repo}:2024: not a local alias name" in problems
+    assert js("show", "support-lora:prod")["version"] == 1 and js("show", "support-lora:latest")["version"] == 2
+
+
 def test_register_of_the_exact_bytes_fills_a_metadata_only_version(env, models, pushed, tmp_path, monkeypatch):
     machine(monkeypatch, tmp_path, "B")
     js("sync", pushed["org"])

@@ -112,13 +112,20 @@ def sync_aliases(reg, listing, have: dict) -> dict[str, list[str]]:
     """The team's aliases, into this registry. An alias is set when the local name has none of
     that name; moved (or removed) when the team moved (or removed) it, but only if sync set it
     from this repo; an alias set here (`adapters alias`) is never touched: it is reported."""
-    out: dict[str, list[str]] = {"set": [], "kept": [], "removed": []}
+    from ..registry.common import check_name
+
+    out: dict[str, list[str]] = {"set": [], "kept": [], "removed": [], "problems": []}
     for repo_id in listing.repos:
         team = {a: r for r in listing.rows if r["repo"] == repo_id for a in r["aliases"]}
         names = set()
         for alias, r in sorted(team.items()):
             rec = have.get((repo_id, r["tag"]))
             if rec is None:
+                continue
+            try:  # a tag made by another tool: "latest" and "2024" are no local alias names
+                check_name(alias, "alias")
+            except AdapterHubError:
+                out["problems"].append(f"{repo_id}:{alias}: not a local alias name; not set here")
                 continue
             names.add(rec.name)
             current = reg.alias_sources(rec.name).get(alias)
@@ -212,6 +219,7 @@ def sync(org: str, *, weights: bool = False, token: str | None = None, registry_
                               problems=listing.problems)
     have = local_index(reg)
     aliases = sync_aliases(reg, listing, have)
+    listing.problems += aliases["problems"]
     on_hub = {rec.id for rec in have.values()}
     mine = {r["repo"] for r in listing.rows}
     not_on_hub = [rec.ref for rec in reg.list(limit=None) if rec.id not in on_hub
