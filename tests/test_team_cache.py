@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,19 @@ def test_a_corrupt_or_hostile_cache_file_is_ignored(env, team, monkeypatch):
             f.write_bytes(b"{not json")
     again, calls, _ = listing(env)
     assert again == rows and downloads(calls) == 3
+
+
+def test_a_cache_that_cannot_be_written_costs_requests_not_the_listing(env, team):
+    """A full disk or a hub-cache that is not a folder: `remote list` still lists, reading
+    everything from the Hub (both caches are an optimisation, never a reason to fail)."""
+    home = Path(os.environ["ADAPTERS_HOME"])
+    rows, _, _ = listing(env)
+    shutil.rmtree(home / "hub-cache")
+    (home / "hub-cache").write_bytes(b"not a folder")
+    again, calls, _ = listing(env)
+    # each head is its v1 commit: its adapterhub.json is fetched for the head and for v1, nothing kept
+    assert again == rows and refs_read(calls) == team and downloads(calls) == 6
+    (home / "hub-cache").unlink()
 
 
 def test_a_commit_id_with_a_trailing_newline_is_refused(env, team):

@@ -195,10 +195,13 @@ class ProvenanceCache:
         self.downloads += 1
         prov = parse_strict(data, where) if data is not None else None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data or b"")
-            os.replace(tmp, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(data or b"")
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a cache we cannot write (full disk, not a folder) costs a download next time
         return prov
 
 
