@@ -190,6 +190,18 @@ def test_refs_between_a_commit_and_its_tag_are_never_cached(env, team, models):
     assert listing(env)[1] == ONE_LISTING
 
 
+def test_an_alias_to_the_version_a_dying_push_left_untagged_tags_it(env, team, models):
+    """`remote alias` repairs a head a push left untagged (as push and log-metric --push do)
+    before it looks the version up: aliasing that very version works, and tags it."""
+    r0 = team[0]
+    ok("push", str(models["a2"]), r0)
+    v2 = env.tags(r0)["v2"]
+    with env.state.lock:  # the push died between its commit and its tag
+        del env.state.repos[r0].tags["v2"]
+    assert "-> v2" in ok("remote", "alias", r0, "prod", "v2")
+    assert env.tags(r0)["v2"] == v2 and env.tags(r0)["prod"] == v2
+
+
 def test_refs_between_an_alias_commit_and_its_tag_are_never_cached(env, team):
     r0 = team[0]
     commit_v1 = env.tags(r0)["v1"]

@@ -226,6 +226,7 @@ def _commit_alias_table(api, repo_id: str, ep: str, cache: ProvenanceCache, toke
 
     for attempt in range(1, MAX_ATTEMPTS + 1):
         refs, prov, fields = head_state(api, repo_id, ep, cache, token)
+        repair_head(api, repo_id, ep, refs, fields, Attempts())  # a version commit left untagged: tag it first
         table = _alias_table(refs, fields)
         was = refs.aliases.get(alias)
         was_v = refs.version_of(was) if was else None
@@ -236,7 +237,6 @@ def _commit_alias_table(api, repo_id: str, ep: str, cache: ProvenanceCache, toke
                            f"latest is {version_tag(refs.latest)}" if refs.latest else "push a version first")
         if prov is None:
             return refs, was_v and version_tag(was_v)
-        repair_head(api, repo_id, ep, refs, fields, Attempts())  # a version commit left untagged: tag it first
         new = dict(table)
         if remove:
             new.pop(alias, None)
