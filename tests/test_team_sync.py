@@ -328,6 +328,25 @@ def test_pull_refuses_weights_that_do_not_match_the_recorded_metadata(env, model
     assert js("list") == before
 
 
+def test_pull_force_onto_a_metadata_only_version_says_what_to_do(env, models, pushed, tmp_path, monkeypatch,
+                                                                  capsys):
+    """`pull --base OTHER --force` of a version sync recorded for another base cannot fill that
+    record (its base is what the team recorded): one line saying so and how to register the
+    weights apart, not a hint to use the --force that was given."""
+    from tiny import make_llama
+
+    org, repo = pushed["org"], pushed["repo"]
+    other = make_llama(tmp_path / "other-base", seed=9)
+    machine(monkeypatch, tmp_path, "B")
+    js("sync", org)
+    before = js("list")
+    line = fails(capsys, "pull", f"{repo}@v1", "--base", str(other), "--force")
+    assert "support-lora@1 recorded" in line and "--name" in line and "--force" not in line, line
+    assert js("list") == before
+    apart = js("pull", f"{repo}@v1", "--base", str(other), "--force", "--name", "support-other")
+    assert apart["ref"] == "support-other@1" and apart["base_fingerprint"] != before[0]["base_fingerprint"]
+
+
 def test_concurrent_syncs_into_one_registry_record_each_version_once(env, pushed, tmp_path):
     """Three processes sync the same namespace into one fresh registry at once: each version is
     one record (the origin is checked inside the write transaction), one alias."""

@@ -227,9 +227,10 @@ def check_fill(meta, hashes: dict[str, str], base_fp: str | None, repo_id: str, 
         raise HubError(f"{repo_id}@{commit[:12]}: the files downloaded are not the ones recorded for {meta.ref} "
                        f"(content {got[:12]}…, recorded {meta.content_sha256[:12]}…)",
                        "the repo or the server changed what this commit holds; nothing was changed")
-    if base_fp and meta.base_fingerprint and base_fp != meta.base_fingerprint:
+    if base_fp and meta.base_fingerprint and base_fp != meta.base_fingerprint:  # --base OTHER --force
         raise HubError(f"{repo_id}@{commit[:12]}: base {base_fp[:19]}… but {meta.ref} recorded "
-                       f"{meta.base_fingerprint[:19]}…", "nothing was changed")
+                       f"{meta.base_fingerprint[:19]}…", "nothing was changed; `--name NEW` registers these "
+                       "weights apart, against this base")
 
 
 def _same_files_at(api, repo_id: str, ep: str, commit: str, siblings: dict, authed: bool) -> bool:
@@ -383,7 +384,7 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         reg = open_registry(home(registry_home))
         meta = metadata_version(reg, ep, repo_id, commit, revision if version else None)
         if meta is not None and asked_name in (None, meta.name):
-            check_fill(meta, hashes, prov_fp, repo_id, commit)  # register below fills it: same record
+            check_fill(meta, hashes, base_fp, repo_id, commit)  # register below fills it: same record
             name = meta.name
         lineage = (prov or {}).get("lineage") or {}
         linked, missing = [], []
