@@ -175,7 +175,10 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
                 if base_fp and same[3] and base_fp != same[3]:
                     from ..errors import BaseMismatch
 
-                    raise BaseMismatch(same[3], base_fp)
+                    err = BaseMismatch(same[3], base_fp)
+                    err.hint = (f"these bytes are {name}'s metadata-only version recorded for that base; register "
+                                "them under another name to record them on this base")
+                    raise err
                 _store_rows(self, conn, manifest, files, base_row, stamp)
                 conn.execute(
                     "UPDATE versions SET weights = 'present', size = ?, base_fingerprint = COALESCE(base_fingerprint, "

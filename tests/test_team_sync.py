@@ -347,6 +347,24 @@ def test_pull_force_onto_a_metadata_only_version_says_what_to_do(env, models, pu
     assert apart["ref"] == "support-other@1" and apart["base_fingerprint"] != before[0]["base_fingerprint"]
 
 
+def test_register_onto_a_metadata_only_version_of_another_base_says_what_to_do(env, models, pushed, tmp_path,
+                                                                                monkeypatch, capsys):
+    """register has no --force: the refusal to fill a record recorded for another base names the
+    way out (another name), not a --force register does not have."""
+    from tiny import make_llama
+
+    other = make_llama(tmp_path / "other-base", seed=9)
+    machine(monkeypatch, tmp_path, "B")
+    js("sync", pushed["org"])
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((models["a1"] / name).read_bytes())
+    line = fails(capsys, "register", str(folder), "--name", "support-lora", "--base", str(other))
+    assert "fingerprint mismatch" in line and "--force" not in line and "another name" in line, line
+    assert js("show", "support-lora@1")["weights"] == "metadata"
+
+
 def test_concurrent_syncs_into_one_registry_record_each_version_once(env, pushed, tmp_path):
     """Three processes sync the same namespace into one fresh registry at once: each version is
     one record (the origin is checked inside the write transaction), one alias."""
