@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from hubserver import HubServer
-from test_hub import ALICE, ok
+from test_hub import ALICE, fails, ok
 from test_team import env, models  # noqa: F401  (fixtures)
 
 from adapterhub_local.cli import cli
@@ -453,3 +453,17 @@ def test_an_alias_on_a_head_without_adapterhub_json_is_seen_by_every_machine(env
     elsewhere("remote", "alias", r0, "prod", "--rm")
     rows, calls, _ = listing(env)
     assert view(rows, r0) == [(r0, "v1", [])] and refs_read(calls) == [r0]
+
+
+def test_mistakes_in_the_command_cost_no_request(env, capsys):
+    """A repo id where a namespace belongs, a bad --where and a bad --sort are one line each,
+    before anything is asked of the Hub."""
+    for args, needle in ((["remote", "list", f"{ORG}/x"], f"'{ORG}/x' is a repo; this takes a namespace"),
+                         (["sync", f"{ORG}/x"], f"'{ORG}/x' is a repo; this takes a namespace"),
+                         (["remote", "list", "bad name!"], "invalid namespace 'bad name!'"),
+                         (["remote", "list", ORG, "--where", "eval_loss<<1"], "eval_loss<<1"),
+                         (["remote", "list", ORG, "--sort", "created"], "cannot sort by created")):
+        env.clear_requests()
+        err = fails(capsys, *args)
+        assert needle in err, (args, err)
+        assert hub_calls(env) == [], (args, hub_calls(env))

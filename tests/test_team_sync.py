@@ -222,8 +222,16 @@ def test_register_of_the_exact_bytes_fills_a_metadata_only_version(env, models, 
     assert [(r["ref"], r["weights"]) for r in js("list")] == [("support-lora@2", "present"),
                                                               ("support-lora@1", "metadata")]
     # other bytes under that name are a new version; the metadata-only one stays as it was
-    assert js("register", str(models["a3"]), "--name", "support-lora")["ref"] == "support-lora@3"
+    third = js("register", str(models["a3"]), "--name", "support-lora")
+    assert third["ref"] == "support-lora@3" and third["filled"] is False and third["is_new"] is True
     assert js("show", "support-lora@1")["weights"] == "metadata"
+    # --json says when the bytes filled a metadata-only version in (as `pull --json` does)
+    folder1 = tmp_path / "copy1"
+    folder1.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder1 / name).write_bytes((models["a1"] / name).read_bytes())
+    first = js("register", str(folder1), "--name", "support-lora")
+    assert first["ref"] == "support-lora@1" and first["filled"] is True and first["weights"] == "present"
 
 
 def _repo_files(env, models, prov: dict) -> dict[str, bytes]:

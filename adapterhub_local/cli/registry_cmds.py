@@ -59,7 +59,7 @@ def register(ctx, adapter_dir, name, base_dir, base_fingerprint, metrics, tags, 
                              metrics=metric_values, tags=tag_values, aliases=aliases, note=note,
                              parents=parents, progress=True)
     if as_json:
-        emit_json(rec.to_dict())
+        emit_json({**rec.to_dict(), "filled": bool(getattr(rec, "filled", False))})
         return
     if getattr(rec, "filled", False):
         echo(f"filled in {rec.ref}: these bytes are the weights its metadata (from `adapters sync`) recorded")

@@ -25,6 +25,20 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def validate_namespace(org: str) -> str:
+    """A user or organisation name (what `remote list` and `sync` take), checked with the
+    repo-id rule before any request; ORG/NAME is named as the mistake it is."""
+    from .errors import HubError
+
+    if isinstance(org, str) and "/" in org:
+        raise HubError(f"{org!r} is a repo; this takes a namespace (a user or organisation)",
+                       f"give the part before '/': {org.split('/', 1)[0]!r}")
+    problem = repo_id_problem(f"{org}/x")
+    if problem:
+        raise HubError(f"invalid namespace {org!r}: {problem}", "a user or organisation name, e.g. my-team")
+    return org
+
+
 def split_repo_spec(spec: str) -> tuple[str, str | None]:
     """``REPO_ID[@REVISION]`` -> (repo_id, revision or None)."""
     repo_id, sep, revision = spec.partition("@")

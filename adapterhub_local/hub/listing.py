@@ -137,6 +137,7 @@ def filter_rows(rows: list[dict], *, where=(), base: str | None = None, sort: st
 
 def remote_list(org: str, *, where=(), base: str | None = None, sort: str | None = None,
                 token: str | None = None, registry_home=None, refresh: bool = False) -> TeamListing:
+    filter_rows([], where=where, base=base, sort=sort)  # a bad --where or --sort: one line, no request
     listing = read_namespace(org, token=token, registry_home=registry_home, refresh=refresh)
     listing.rows = filter_rows(listing.rows, where=where, base=base, sort=sort)
     return listing

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..provenance import NAME as PROVENANCE_NAME
-from .common import COMMIT_RE, REF_NAME_RE, check_commit_id, check_file_name, validate_repo_id
+from .common import COMMIT_RE, REF_NAME_RE, check_commit_id, check_file_name, validate_namespace, validate_repo_id
 from .errors import HubError, hub_errors
 
 VERSION_TAG = re.compile(r"^v([1-9][0-9]{0,8})\Z")  # v1 .. v999999999: the versions
@@ -259,7 +259,7 @@ def list_namespace(org: str, ep: str, token: str | None, tag: str) -> Namespace:
 
     from .common import install_timeout
 
-    validate_repo_id(f"{org}/x")
+    validate_namespace(org)
     install_timeout()
     headers = build_hf_headers(token=token or False, library_name="adapterhub-local")
     out = Namespace()
