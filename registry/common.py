@@ -44,6 +44,28 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+VERSION_COLUMNS = ("adapter_id", "name", "version", "content_sha256", "base_fingerprint", "base_model", "rank",
+                   "alpha", "targets", "num_parameters", "config", "size", "created_at", "note", "tags",
+                   "provenance", "weights")
+
+
+def insert_next_version(conn, adapter_id: int, row: dict) -> tuple[int, int]:
+    """Take ``adapter_id``'s next version number and insert its ``versions`` row; returns
+    (version id, number). The one place numbers are taken (register and sync's metadata-only
+    records alike): inside the caller's write transaction, from ``adapters.last_version``, so a
+    number is never reused, even after ``rm``. ``row`` holds the other columns by name."""
+    unknown = set(row) - set(VERSION_COLUMNS)
+    if unknown:
+        raise ValueError(f"not a versions column: {sorted(unknown)}")
+    number = conn.execute("SELECT last_version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0] + 1
+    conn.execute("UPDATE adapters SET last_version = ? WHERE id = ?", (number, adapter_id))
+    cols = {**row, "adapter_id": adapter_id, "version": number}
+    names = [c for c in VERSION_COLUMNS if c in cols]
+    version_id = conn.execute(f"INSERT INTO versions ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                              tuple(cols[c] for c in names)).lastrowid
+    return version_id, number
+
+
 def check_name(name: str, what: str = "adapter name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or name.isdigit():
         raise AdapterHubError(

@@ -13,7 +13,7 @@ record, same ref. Until then ``adapter_path`` and ``export`` refuse it
 from __future__ import annotations
 
 from ..errors import AdapterNotFound
-from .common import check_name, content_hash, normalize_fingerprint, now
+from .common import check_name, content_hash, insert_next_version, normalize_fingerprint, now
 from .query import check_metrics
 from .records import VersionRecord, dumps
 
@@ -67,15 +67,11 @@ def record_metadata(self, name: str, *, files: dict[str, str], origin: dict, bas
                                           (name, stamp)).lastrowid
             else:
                 adapter_id = adapter[0]
-            version = conn.execute("SELECT last_version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0] + 1
-            conn.execute("UPDATE adapters SET last_version = ? WHERE id = ?", (version, adapter_id))
-            version_id = conn.execute(
-                "INSERT INTO versions (adapter_id, name, version, content_sha256, base_fingerprint, base_model, "
-                "rank, alpha, targets, num_parameters, config, size, created_at, note, tags, provenance, weights) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, 'metadata')",
-                (adapter_id, name, version, content, fp, base_model, rank, alpha, dumps(list(targets)),
-                 num_parameters, dumps({}), stamp, note, dumps({}), dumps(provenance or {})),
-            ).lastrowid
+            version_id, _ = insert_next_version(conn, adapter_id, {
+                "name": name, "content_sha256": content, "base_fingerprint": fp, "base_model": base_model,
+                "rank": rank, "alpha": alpha, "targets": dumps(list(targets)), "num_parameters": num_parameters,
+                "config": dumps({}), "size": 0, "created_at": stamp, "note": note, "tags": dumps({}),
+                "provenance": dumps(provenance or {}), "weights": "metadata"})
             conn.executemany("INSERT OR IGNORE INTO lineage (child_id, parent_ref, parent_id) VALUES (?, ?, ?)",
                              [(version_id, ref, pid) for ref, pid in links])
             conn.execute("INSERT INTO origins (version_id, endpoint, repo_id, version, commit_id, pulled_at) "

@@ -11,6 +11,7 @@ from .common import (
     adapter_files,
     check_name,
     content_hash,
+    insert_next_version,
     normalize_fingerprint,
     now,
 )
@@ -192,16 +193,12 @@ def register(self, adapter_dir, name: str, *, base_dir=None, base_fingerprint=No
         else:
             is_new = True
             _store_rows(self, conn, manifest, files, base_row, stamp)
-            version = conn.execute("SELECT last_version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0] + 1
-            conn.execute("UPDATE adapters SET last_version = ? WHERE id = ?", (version, adapter_id))
-            version_id = conn.execute(
-                "INSERT INTO versions (adapter_id, name, version, content_sha256, base_fingerprint, base_model, "
-                "rank, alpha, targets, num_parameters, config, size, created_at, note, tags, provenance) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (adapter_id, name, version, content, base_fp, adapter.base_model, cfg.get("r"),
-                 cfg.get("lora_alpha"), dumps(adapter.targets()), adapter.num_parameters(), dumps(cfg), size,
-                 stamp, note, dumps(tags), dumps(provenance)),
-            ).lastrowid
+            version_id, _ = insert_next_version(conn, adapter_id, {
+                "name": name, "content_sha256": content, "base_fingerprint": base_fp,
+                "base_model": adapter.base_model, "rank": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
+                "targets": dumps(adapter.targets()), "num_parameters": adapter.num_parameters(),
+                "config": dumps(cfg), "size": size, "created_at": stamp, "note": note, "tags": dumps(tags),
+                "provenance": dumps(provenance)})
             conn.executemany(
                 "INSERT INTO version_files (version_id, filename, sha256, size) VALUES (?, ?, ?, ?)",
                 [(version_id, rel, sha, n) for rel, (sha, n) in sorted(manifest.items())])
