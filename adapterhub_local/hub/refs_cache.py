@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from ..fsutil import atomic_write_bytes
 from .common import COMMIT_RE, REF_NAME_RE
 from .remote import MAX_TAGS, VERSION_LIKE, VERSION_TAG, RepoRefs
 
@@ -95,10 +95,7 @@ class RefsCache:
                "head": refs.head, "versions": {str(n): c for n, c in sorted(refs.versions.items())},
                "aliases": dict(sorted(refs.aliases.items()))}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc, indent=1))
-            os.replace(tmp, path)
+            atomic_write_bytes(path, json.dumps(doc, indent=1).encode(), fsync=False)
         except OSError:
             pass  # a cache we cannot write costs a refs call next time, nothing more
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fsutil import atomic_write_bytes
 from ..provenance import NAME as PROVENANCE_NAME
 from .common import COMMIT_RE, REF_NAME_RE, check_commit_id, check_file_name, validate_namespace, validate_repo_id
 from .errors import HubError, hub_errors
@@ -196,10 +196,7 @@ class ProvenanceCache:
         prov = parse_strict(data, where) if data is not None else None
         if path is not None:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(data or b"")
-                os.replace(tmp, path)
+                atomic_write_bytes(path, data or b"", fsync=False)
             except OSError:
                 pass  # a cache we cannot write (full disk, not a folder) costs a download next time
         return prov
