@@ -283,6 +283,20 @@ def read_header(path, error: type = InvalidModel) -> tuple[dict[str, TensorInfo]
     return tensors, meta
 
 
+def _map_checked(path: Path, infos: dict[str, TensorInfo], error: type, access: int):
+    """The whole file mapped (``access``: ACCESS_COPY for arrays, ACCESS_READ for views),
+    opened as ``read_header`` opens it, and still long enough for every entry of its header."""
+    try:
+        with open_input(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            data = mmap.mmap(fh.fileno(), size, access=access) if size else bytearray()
+    except (OSError, ValueError) as e:
+        raise error(path, f"not a readable safetensors file ({getattr(e, 'strerror', None) or e})") from None
+    if len(data) < max((i.end for i in infos.values()), default=0):  # it shrank since the header was read
+        raise error(path, "not a readable safetensors file, truncated or corrupt (the file changed while read)")
+    return data
+
+
 def read_arrays(
     path, error: type = InvalidModel, float32: bool = False
 ) -> tuple[dict[str, np.ndarray], dict, dict[str, TensorInfo]]:
@@ -296,21 +310,7 @@ def read_arrays(
 
     infos, meta = read_header(path, error)
     path = Path(path)
-    try:
-        with open_input(path) as fh:
-            size = os.fstat(fh.fileno()).st_size
-            data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray()
-    except (OSError, ValueError) as e:
-        raise error(
-            path, f"not a readable safetensors file ({getattr(e, 'strerror', None) or e})"
-        ) from None
-    if len(data) < max(
-        (i.end for i in infos.values()), default=0
-    ):  # it shrank since the header was read
-        raise error(
-            path,
-            "not a readable safetensors file, truncated or corrupt (the file changed while read)",
-        )
+    data = _map_checked(path, infos, error, mmap.ACCESS_COPY)
     out: dict[str, np.ndarray] = {}
     for name, info in infos.items():
         dt = DTYPES[info.dtype]
@@ -392,15 +392,7 @@ def read_views(path, error: type = InvalidModel) -> tuple[dict[str, TensorView],
     of one read-only mapping (what ``adapters register`` and ``push`` check, at start-up cost)."""
     infos, meta = read_header(path, error)
     path = Path(path)
-    try:
-        with open_input(path) as fh:
-            size = os.fstat(fh.fileno()).st_size
-            data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else b""
-    except (OSError, ValueError) as e:
-        raise error(path, f"not a readable safetensors file ({getattr(e, 'strerror', None) or e})") from None
-    if len(data) < max((i.end for i in infos.values()), default=0):  # it shrank since the header was read
-        raise error(path, "not a readable safetensors file, truncated or corrupt (the file changed while read)")
-    whole = memoryview(data)
+    whole = memoryview(_map_checked(path, infos, error, mmap.ACCESS_READ))
     views = {name: TensorView(name, info.dtype, tuple(info.shape), whole[info.start:info.end])
              for name, info in infos.items()}
     return views, meta, infos
