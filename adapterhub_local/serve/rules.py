@@ -125,6 +125,17 @@ def _ignored(rule: str, fld: str, test: str, what: str, source: str) -> FieldRul
     return FieldRule(rule, fld, test, f"{what} is never read: the server serves a different ΔW", source)
 
 
+def _config_fields_unread(source: str) -> tuple[FieldRule, ...]:
+    """The LoraConfig fields a server whose config class lacks them (``source``) never reads."""
+    return (
+        _ignored("rank_pattern", "rank_pattern", "truthy", "rank_pattern", source),
+        _ignored("alpha_pattern", "alpha_pattern", "truthy", "alpha_pattern", source),
+        _ignored("lora_bias", "lora_bias", "truthy", "lora_bias", source),
+        _ignored("bias", "bias", "not_none", "bias={value!r}", source),
+        _ignored("layer_replication", "layer_replication", "truthy", "layer_replication", source),
+    )
+
+
 SGLANG = Profile(
     name="sglang", server="SGLang", version="main 2026", repo="sgl-project/sglang",
     refused=(
@@ -133,11 +144,7 @@ SGLANG = Profile(
     ),
     ignored=(
         _ignored("rslora", "use_rslora", "truthy", "use_rslora (alpha/sqrt(r))", _SG_SCALE),
-        _ignored("rank_pattern", "rank_pattern", "truthy", "rank_pattern", _SG_CFG),
-        _ignored("alpha_pattern", "alpha_pattern", "truthy", "alpha_pattern", _SG_CFG),
-        _ignored("lora_bias", "lora_bias", "truthy", "lora_bias", _SG_CFG),
-        _ignored("bias", "bias", "not_none", "bias={value!r}", _SG_CFG),
-        _ignored("layer_replication", "layer_replication", "truthy", "layer_replication", _SG_CFG),
+        *_config_fields_unread(_SG_CFG),
     ),
     modules_to_save_ok=frozenset(), modules_to_save_refused=False, modules_to_save_source=_SG_CFG,
     init_ok=None, init_source=_SG_CFG,
@@ -158,11 +165,7 @@ LORAX = Profile(
     ignored=(
         _ignored("dora", "use_dora", "truthy", "DoRA (use_dora; magnitude vectors end up as unused weights)",
                  f"{_LX_CFG}; {_LX}/models/model.py:381-398 (unused adapter weights: a warning)"),
-        _ignored("rank_pattern", "rank_pattern", "truthy", "rank_pattern", _LX_CFG),
-        _ignored("alpha_pattern", "alpha_pattern", "truthy", "alpha_pattern", _LX_CFG),
-        _ignored("lora_bias", "lora_bias", "truthy", "lora_bias", _LX_CFG),
-        _ignored("bias", "bias", "not_none", "bias={value!r}", _LX_CFG),
-        _ignored("layer_replication", "layer_replication", "truthy", "layer_replication", _LX_CFG),
+        *_config_fields_unread(_LX_CFG),
     ),
     modules_to_save_ok=frozenset(), modules_to_save_refused=False, modules_to_save_source=_LX_CFG,
     init_ok=None, init_source=_LX_CFG,
