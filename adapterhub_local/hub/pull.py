@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AdapterHubError, AdapterNotFound, BaseMismatch, InvalidAdapter, ShapeMismatch
+from ..errors import AdapterHubError, AdapterNotFound, BaseMismatch, InvalidAdapter
 from ..provenance import MAX_BYTES as MAX_PROV_BYTES
 from ..provenance import NAME as PROVENANCE_NAME
 from ..provenance import read as read_provenance
@@ -151,27 +151,6 @@ def _verify_download(folder: Path, siblings: dict, repo_id: str, commit: str) ->
     return hashes
 
 
-def check_against_base(adapter, base_dir: Path) -> None:
-    """Every adapted module and modules_to_save tensor must exist in the base with the right shape."""
-    from ..fingerprint import model_files
-    from ..safetensors_io import read_header
-
-    shapes: dict[str, tuple] = {}
-    for f in model_files(base_dir):
-        tensors, _ = read_header(f)
-        shapes.update({name: tuple(t.shape) for name, t in tensors.items()})
-    for name, m in adapter.modules.items():
-        key = m.weight_key
-        if key not in shapes:
-            raise AdapterHubError(f"{base_dir}: the base has no weight {key} for adapted module {name}",
-                                  "this adapter was trained for a different base model")
-        if tuple(shapes[key]) != tuple(m.delta_shape):
-            raise ShapeMismatch(name, shapes[key], m.delta_shape, where=str(base_dir))
-    for key, t in adapter.extra.items():
-        if key in shapes and tuple(shapes[key]) != tuple(t.shape):
-            raise ShapeMismatch(key, shapes[key], tuple(t.shape), where=str(base_dir))
-
-
 def same_adapter(reg, name: str, hashes: dict[str, str]):
     """The version of ``name`` whose adapter config and weights are exactly these bytes (a push
     of it coming back, whose other files, like the README, differ), as not new; else None."""
@@ -293,7 +272,7 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
     from huggingface_hub import snapshot_download
 
     from ..paths import registry_home as home
-    from ..peft_format import load_adapter
+    from ..peft_format import check_adapter
     from ..registry.core import check_name
 
     repo_id, revision, alias = parse_spec(spec)
@@ -360,7 +339,7 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         for fname in ADAPTER_FILES:
             shutil.copyfile(dl / fname, folder / fname)
         try:
-            adapter = load_adapter(folder)
+            adapter = check_adapter(folder)  # every check load_adapter makes, without reading arrays
         except InvalidAdapter as e:
             raise NotALoraRepo(repo_id, revision or "main", e.problem) from None
 
@@ -368,8 +347,9 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         base_fp = prov_fp
         if base_dir is not None:
             from ..fingerprint import fingerprint_model
+            from ..registry.register import base_shapes, check_shapes
 
-            check_against_base(adapter, base_dir)
+            check_shapes(adapter, base_shapes(base_dir), str(base_dir))  # register's own check, before any write
             actual = fingerprint_model(base_dir, progress=True).fingerprint
             if prov_fp and prov_fp != actual and not force:
                 err = BaseMismatch(prov_fp, actual)
