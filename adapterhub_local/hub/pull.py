@@ -274,6 +274,7 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
     from ..paths import registry_home as home
     from ..peft_format import check_adapter
     from ..registry.core import check_name
+    from ..registry.metadata import MAX_PARENTS
 
     repo_id, revision, alias = parse_spec(spec)
     asked_name = name
@@ -369,7 +370,7 @@ def pull(spec: str, *, name: str | None = None, base: str | Path | None = None, 
         lineage = (prov or {}).get("lineage") or {}
         linked, missing = [], []
         parents = lineage.get("parents") if isinstance(lineage.get("parents"), list) else []
-        for parent in parents[:100]:
+        for parent in parents[:MAX_PARENTS]:  # as many as a synced version links to
             if not isinstance(parent, str) or len(parent) > 200:
                 continue
             try:
