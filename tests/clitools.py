@@ -16,6 +16,15 @@ def run(args, capsys):
     return code, got.out, got.err
 
 
+def exit_code(args) -> int:
+    """``adapters ARGS`` through ``main`` (arguments str()-ed); only its exit status."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def one_line_error(res, *words):
     """Exit 1, nothing on stdout, one ``error: ...`` line on stderr holding every word."""
     code, out, err = res

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import exit_code as run
 from safetensors.torch import load_file, save_file
 from tiny import make_peft_adapter
 
-from adapterhub_local.cli import main
 from adapterhub_local.variants import FIELDS, IGNORED, REFUSED, SUPPORTED, markdown_table
-
-
-def run(args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def _variants():

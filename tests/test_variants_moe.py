@@ -7,18 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import exit_code as run
 from safetensors.torch import load_file
 from tiny import input_ids, load_model
-
-from adapterhub_local.cli import main
-
-
-def run(args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def make_moe(out: Path, kind: str) -> Path:
